@@ -1,0 +1,54 @@
+# Two commands do all set-up: `make repro` (main job on the embedded default) and `make test`.
+# Re-running either skips what is already installed (stamp files in .venv/).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch and torchvision must be installed as a matching pair (PyPI's torchvision does not import
+# beside other torch builds); torchsort is compiled against the torch installed here.
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+TORCHSORT := torchsort==0.1.10
+
+.PHONY: setup repro test test-fast bench dashboard clean
+
+setup: $(VENV)/.project-installed
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
+
+$(VENV)/.torch-installed: | $(BIN)/python
+	$(BIN)/pip install $(TORCH_PAIR)
+	touch $@
+
+# torchsort builds a CUDA extension whenever `nvcc` is on PATH; without a CUDA device (or where
+# libcudart cannot be linked) that build fails, so nvcc is hidden and the CPU-only extension built.
+$(VENV)/.torchsort-installed: $(VENV)/.torch-installed
+	@if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+	   && $(BIN)/pip install --no-build-isolation $(TORCHSORT); then \
+	  echo "torchsort: built with CUDA"; \
+	else \
+	  echo "torchsort: building the CPU-only extension"; \
+	  PATH="$$(echo "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/nvcc" ] || printf '%s:' "$$d"; done)" \
+	    $(BIN)/pip install --no-build-isolation $(TORCHSORT); \
+	fi
+	$(BIN)/python -c "import torchsort"
+	touch $@
+
+$(VENV)/.project-installed: pyproject.toml $(VENV)/.torchsort-installed
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: setup
+	$(BIN)/python -m src.bench stain
+
+clean:
+	rm -rf data models outputs metrics plots .pytest_cache
