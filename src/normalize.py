@@ -14,7 +14,7 @@ import h5py
 from src.config import StainConfig, load_params
 from src.errors import InputError, exit_on_input_error
 from src.io_utils import atomic_path
-from src.slides import SlideRef, open_h5, read_image_uint8, slide_refs
+from src.slides import SlideRef, image_chunks, open_h5, read_image_uint8, slide_refs
 from src.stain import StainNormalizer
 from src.validate import validate_file
 
@@ -52,7 +52,7 @@ def normalize_file(src: Path, out_dir: Path, cfg: StainConfig, log=print) -> Sta
         with h5py.File(tmp / SLIDES_FILE, "w") as out:
             for ref in refs:
                 image = normalizer.transform(read_image_uint8(h5, ref))
-                out.create_dataset(ref.image_key, data=image, chunks=(256, 256, 3))
+                out.create_dataset(ref.image_key, data=image, chunks=image_chunks(image.shape))
                 h5.copy(h5[ref.spots_key], out, name=ref.spots_key)
                 log(f"normalized {ref.split}/{ref.name} ({image.shape[0]} x {image.shape[1]})")
         state = normalizer.to_dict() | {"reference_slide": reference.name, "source": str(src)}

@@ -86,3 +86,8 @@ def read_image_uint8(h5: h5py.File, ref: SlideRef) -> np.ndarray:
 def image_shape(h5: h5py.File, ref: SlideRef) -> tuple[int, int]:
     height, width = h5[ref.image_key].shape[:2]
     return int(height), int(width)
+
+
+def image_chunks(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """HDF5 chunk shape for an H x W x 3 image: 256 x 256 tiles, never larger than the image."""
+    return min(256, shape[0]), min(256, shape[1]), 3

@@ -1,11 +1,12 @@
 """Stain normalization (Vahadane / Macenko) with staintools' stain extraction and a fast transform.
 
 staintools' ``StainNormalizer.transform`` refits the source stain matrix on every pixel of the image
-and solves one SPAMS lasso per pixel. Here the source stain matrix is fitted once per slide (with
-staintools' own extractor) on a seeded sample of tissue pixels, and the per-pixel positive lasso --
-two unknowns against a 2 x 3 stain matrix -- is solved in closed form, vectorized over all pixels.
-The objective and the scaling are staintools' (lasso lambda 0.01, 99th-percentile concentration
-matching), so the output agrees with staintools to a few grey levels (see ``python -m src.bench stain``).
+and solves one SPAMS lasso per pixel. Here the source stain matrix is fitted once per slide on a
+seeded sample of tissue pixels (staintools' Macenko extractor; SPAMS dictionary learning for
+Vahadane, as staintools does), and the per-pixel positive lasso -- two unknowns against a 2 x 3 stain
+matrix -- is solved in closed form, vectorized over all pixels. The objective and the scaling are
+staintools' (lasso lambda 0.01, 99th-percentile concentration matching), so the output agrees with
+staintools to about one grey level (``python -m src.bench stain``).
 """
 from __future__ import annotations
 
@@ -15,63 +16,19 @@ from src.errors import InputError
 
 METHODS = ("vahadane", "macenko", "none")
 LASSO_LAMBDA = 0.01  # staintools.miscellaneous.get_concentrations default
+VAHADANE_LAMBDA = 0.1  # staintools VahadaneStainExtractor regularizer
+VAHADANE_ITERATIONS = 100  # from a Macenko warm start; see vahadane_stain_matrix
 LUMINOSITY_THRESHOLD = 0.8  # staintools' tissue mask: LAB luminosity below this is tissue
 MIN_TISSUE_PIXELS = 64
-
-
-VAHADANE_LAMBDA = 0.1  # staintools VahadaneStainExtractor regularizer
-VAHADANE_ITERATIONS = 100  # measured: the matrix agrees with 1000 iterations to 2e-3
-
-
-def vahadane_stain_matrix(od_tissue: np.ndarray) -> np.ndarray:
-    """staintools' Vahadane dictionary learning, with a fixed iteration count and one thread.
-
-    staintools calls ``spams.trainDL`` with its default ``iter=-1``, which means "run for one second":
-    slow, and machine-dependent (not reproducible). SPAMS with several OpenMP threads also hangs
-    inside forked workers, so it gets one thread here.
-    """
-    import spams
-
-    dictionary = spams.trainDL(
-        X=np.asfortranarray(od_tissue.T, dtype=np.float64), K=2, lambda1=VAHADANE_LAMBDA, mode=2,
-        modeD=0, posAlpha=True, posD=True, verbose=False, iter=VAHADANE_ITERATIONS, numThreads=1,
-    ).T
-    if dictionary[0, 0] < dictionary[1, 0]:  # haematoxylin first, as staintools orders them
-        dictionary = dictionary[[1, 0], :]
-    return dictionary / np.linalg.norm(dictionary, axis=1, keepdims=True)
-
-
-def macenko_stain_matrix(tissue_rgb: np.ndarray) -> np.ndarray:
-    from staintools import MacenkoStainExtractor
-
-    return MacenkoStainExtractor.get_stain_matrix(np.ascontiguousarray(tissue_rgb.reshape(-1, 1, 3)))
-
+CHUNK = 1 << 16  # pixels per step: temporaries stay in cache (2-3x faster than whole-slide arrays)
 
 # Optical density of each uint8 level, staintools' convention: 0 counts as 1, floor 1e-6.
 _OD_LUT = np.maximum(-np.log(np.maximum(np.arange(256), 1) / 255.0), 1e-6).astype(np.float32)
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """RGB uint8 -> optical density, N x 3 float32."""
+    """RGB uint8 (any shape ending in 3) -> optical density, N x 3 float32."""
     return _OD_LUT[rgb.reshape(-1, 3)]
-
-
-CHUNK = 1 << 16  # pixels per step: temporaries stay in cache (4x faster than whole-slide arrays)
-
-
-def concentrations(rgb: np.ndarray, stain_matrix: np.ndarray, lam: float = LASSO_LAMBDA
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Haematoxylin and eosin concentration of every pixel (two float32 vectors), chunk by chunk."""
-    import cv2
-
-    channels = [c.reshape(-1) for c in cv2.split(np.ascontiguousarray(rgb))]
-    n = len(channels[0])
-    c_h, c_e = np.empty(n, np.float32), np.empty(n, np.float32)
-    for start in range(0, n, CHUNK):
-        part = slice(start, start + CHUNK)
-        od = [np.take(_OD_LUT, channel[part]) for channel in channels]
-        c_h[part], c_e[part] = _lasso_channels(od, stain_matrix, lam)
-    return c_h, c_e
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
@@ -82,6 +39,43 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     return lab[..., 0] < LUMINOSITY_THRESHOLD * 255.0  # == L / 255 < threshold, without a float copy
 
 
+def macenko_stain_matrix(tissue_rgb: np.ndarray) -> np.ndarray:
+    """staintools' Macenko stain matrix (2 x 3, haematoxylin first) of N x 3 tissue pixels."""
+    from staintools import MacenkoStainExtractor
+
+    return MacenkoStainExtractor.get_stain_matrix(np.ascontiguousarray(tissue_rgb.reshape(-1, 1, 3)))
+
+
+def vahadane_stain_matrix(tissue_rgb: np.ndarray) -> np.ndarray:
+    """staintools' Vahadane dictionary learning, warm-started, with a fixed iteration count.
+
+    staintools calls ``spams.trainDL`` from a random start with its default ``iter=-1``, which means
+    "run for one second": slow, and machine-dependent (not reproducible). Started from the Macenko
+    estimate of the same pixels, 100 iterations land within 0.005 of staintools' matrix (measured on
+    scikit-image's IHC section; 0.06 from a random start). SPAMS with several OpenMP threads also
+    hangs inside forked workers, so it gets one thread.
+    """
+    import spams
+
+    start = macenko_stain_matrix(tissue_rgb)
+    dictionary = spams.trainDL(
+        X=np.asfortranarray(optical_density(tissue_rgb).T, dtype=np.float64),
+        D=np.asfortranarray(start.T, dtype=np.float64), K=2, lambda1=VAHADANE_LAMBDA, mode=2,
+        modeD=0, posAlpha=True, posD=True, verbose=False, iter=VAHADANE_ITERATIONS, numThreads=1,
+    ).T
+    if dictionary[0, 0] < dictionary[1, 0]:  # haematoxylin first, as staintools orders them
+        dictionary = dictionary[[1, 0], :]
+    norms = np.linalg.norm(dictionary, axis=1, keepdims=True)
+    return dictionary / np.where(norms > 0, norms, np.nan)  # a zero atom fails is_separable
+
+
+def is_separable(stain_matrix: np.ndarray) -> bool:
+    """Two finite, distinct stain vectors (a uniform patch yields a degenerate matrix)."""
+    if not np.isfinite(stain_matrix).all():
+        return False
+    return bool(np.linalg.det(stain_matrix @ stain_matrix.T) > 1e-4)
+
+
 def positive_lasso_2(od: np.ndarray, stain_matrix: np.ndarray, lam: float = LASSO_LAMBDA) -> np.ndarray:
     """Exact ``argmin_c 0.5 ||od - c @ M||^2 + lam * sum(c)``, ``c >= 0``, for every row of ``od``.
 
@@ -90,11 +84,13 @@ def positive_lasso_2(od: np.ndarray, stain_matrix: np.ndarray, lam: float = LASS
     system, and where a component is not positive take the better of the two one-stain solutions.
     Returns N x 2 float32 (haematoxylin, eosin).
     """
-    c_h, c_e = _lasso_channels([od[:, i] for i in range(3)], stain_matrix, lam)
+    od = np.asarray(od, dtype=np.float32)
+    c_h, c_e = _lasso_channels([od[:, 0], od[:, 1], od[:, 2]], stain_matrix, lam)
     return np.stack([c_h, c_e], axis=1)
 
 
-def _lasso_channels(od: list[np.ndarray], stain_matrix: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+def _lasso_channels(od: list[np.ndarray], stain_matrix: np.ndarray, lam: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
     m = stain_matrix.astype(np.float32)
     lam32 = np.float32(lam)
     r_h = od[0] * m[0, 0] + od[1] * m[0, 1] + od[2] * m[0, 2] - lam32
@@ -113,6 +109,21 @@ def _lasso_channels(od: list[np.ndarray], stain_matrix: np.ndarray, lam: float) 
     return c_h, c_e
 
 
+def concentrations(rgb: np.ndarray, stain_matrix: np.ndarray, lam: float = LASSO_LAMBDA
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Haematoxylin and eosin concentration of every pixel (two float32 vectors), chunk by chunk."""
+    import cv2
+
+    channels = [c.reshape(-1) for c in cv2.split(np.ascontiguousarray(rgb))]
+    n = len(channels[0])
+    c_h, c_e = np.empty(n, np.float32), np.empty(n, np.float32)
+    for start in range(0, n, CHUNK):
+        part = slice(start, start + CHUNK)
+        od = [np.take(_OD_LUT, channel[part]) for channel in channels]
+        c_h[part], c_e[part] = _lasso_channels(od, stain_matrix, lam)
+    return c_h, c_e
+
+
 def upper_percentile(values: np.ndarray, q: float, rng: np.random.Generator | None = None) -> float:
     """``np.percentile(values, q)`` (linear interpolation) for a high ``q``, exact but faster.
 
@@ -120,13 +131,12 @@ def upper_percentile(values: np.ndarray, q: float, rng: np.random.Generator | No
     is partitioned; falls back to ``np.percentile`` if the bound was not low enough.
     """
     n = len(values)
-    position = q / 100.0 * (n - 1)
-    lower = int(np.floor(position))
     if n < 100_000:
         return float(np.percentile(values, q))
+    position = q / 100.0 * (n - 1)
+    lower = int(np.floor(position))
     rng = rng or np.random.default_rng(0)
-    sample = values[rng.integers(0, n, 20_000)]
-    bound = np.percentile(sample, max(0.0, q - 1.0))
+    bound = np.percentile(values[rng.integers(0, n, 20_000)], max(0.0, q - 1.0))
     top = values[values >= bound]
     rank = lower - (n - len(top))  # rank of the lower order statistic inside ``top``
     if rank < 0:
@@ -135,148 +145,6 @@ def upper_percentile(values: np.ndarray, q: float, rng: np.random.Generator | No
     part = np.partition(top, [rank, upper])
     low, high = float(part[rank]), float(part[upper])
     return low + (position - lower) * (high - low)
-
-
-VAHADANE_LAMBDA = 0.1  # staintools VahadaneStainExtractor regularizer
-VAHADANE_ITERATIONS = 100  # measured: the matrix agrees with 1000 iterations to 2e-3
-
-
-def vahadane_stain_matrix(od_tissue: np.ndarray) -> np.ndarray:
-    """staintools' Vahadane dictionary learning, with a fixed iteration count and one thread.
-
-    staintools calls ``spams.trainDL`` with its default ``iter=-1``, which means "run for one second":
-    slow, and machine-dependent (not reproducible). SPAMS with several OpenMP threads also hangs
-    inside forked workers, so it gets one thread here.
-    """
-    import spams
-
-    dictionary = spams.trainDL(
-        X=np.asfortranarray(od_tissue.T, dtype=np.float64), K=2, lambda1=VAHADANE_LAMBDA, mode=2,
-        modeD=0, posAlpha=True, posD=True, verbose=False, iter=VAHADANE_ITERATIONS, numThreads=1,
-    ).T
-    if dictionary[0, 0] < dictionary[1, 0]:  # haematoxylin first, as staintools orders them
-        dictionary = dictionary[[1, 0], :]
-    return dictionary / np.linalg.norm(dictionary, axis=1, keepdims=True)
-
-
-def macenko_stain_matrix(tissue_rgb: np.ndarray) -> np.ndarray:
-    from staintools import MacenkoStainExtractor
-
-    return MacenkoStainExtractor.get_stain_matrix(np.ascontiguousarray(tissue_rgb.reshape(-1, 1, 3)))
-
-
-# Optical density of each uint8 level, staintools' convention: 0 counts as 1, floor 1e-6.
-_OD_LUT = np.maximum(-np.log(np.maximum(np.arange(256), 1) / 255.0), 1e-6).astype(np.float32)
-
-
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """RGB uint8 -> optical density, N x 3 float32."""
-    return _OD_LUT[rgb.reshape(-1, 3)]
-
-
-def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """Boolean mask of tissue pixels (staintools' luminosity threshold), same H x W as ``rgb``."""
-    import cv2
-
-    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)
-    return lab[..., 0] / 255.0 < LUMINOSITY_THRESHOLD
-
-
-def positive_lasso_2(od: np.ndarray, stain_matrix: np.ndarray, lam: float = LASSO_LAMBDA) -> np.ndarray:
-    """Exact ``argmin_c 0.5 ||od - c @ M||^2 + lam * sum(c)``, ``c >= 0``, for every row of ``od``.
-
-    Same problem as ``spams.lasso(mode=2, pos=True)`` with a 2-atom dictionary ``M`` (2 x 3). With two
-    unknowns the optimum lies in the interior or on one of the axes: solve the unconstrained 2 x 2
-    system, and where a component is not positive take the better of the two one-stain solutions.
-    """
-    return _lasso_from_correlations(*_correlations(od, stain_matrix, lam), stain_matrix)
-
-
-def _correlations(od: np.ndarray, stain_matrix: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    m = stain_matrix.astype(np.float32)
-    od = od.astype(np.float32, copy=False)
-    r_h = od[:, 0] * m[0, 0] + od[:, 1] * m[0, 1] + od[:, 2] * m[0, 2] - np.float32(lam)
-    r_e = od[:, 0] * m[1, 0] + od[:, 1] * m[1, 1] + od[:, 2] * m[1, 2] - np.float32(lam)
-    return r_h, r_e
-
-
-def _lasso_from_correlations(r_h: np.ndarray, r_e: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
-    """Solve the 2-unknown positive lasso from ``r = M od - lam`` (float32, one pass per step)."""
-    gram = stain_matrix @ stain_matrix.T
-    inv = np.linalg.inv(gram).astype(np.float32)
-    g_hh, g_ee = np.float32(gram[0, 0]), np.float32(gram[1, 1])
-    c_h = inv[0, 0] * r_h + inv[0, 1] * r_e  # interior solution
-    c_e = inv[1, 0] * r_h + inv[1, 1] * r_e
-    interior = (c_h > 0) & (c_e > 0)
-    only_h = np.maximum(r_h, 0) / g_hh  # one-stain solutions and their objective values
-    only_e = np.maximum(r_e, 0) / g_ee
-    use_h = (0.5 * g_hh * only_h - r_h) * only_h <= (0.5 * g_ee * only_e - r_e) * only_e
-    out = np.empty((len(r_h), 2), dtype=np.float32)
-    out[:, 0] = np.where(interior, c_h, np.where(use_h, only_h, 0))
-    out[:, 1] = np.where(interior, c_e, np.where(use_h, 0, only_e))
-    return out
-
-
-VAHADANE_LAMBDA = 0.1  # staintools VahadaneStainExtractor regularizer
-VAHADANE_ITERATIONS = 100  # measured: the matrix agrees with 1000 iterations to 2e-3
-
-
-def vahadane_stain_matrix(od_tissue: np.ndarray) -> np.ndarray:
-    """staintools' Vahadane dictionary learning, with a fixed iteration count and one thread.
-
-    staintools calls ``spams.trainDL`` with its default ``iter=-1``, which means "run for one second":
-    slow, and machine-dependent (not reproducible). SPAMS with several OpenMP threads also hangs
-    inside forked workers, so it gets one thread here.
-    """
-    import spams
-
-    dictionary = spams.trainDL(
-        X=np.asfortranarray(od_tissue.T, dtype=np.float64), K=2, lambda1=VAHADANE_LAMBDA, mode=2,
-        modeD=0, posAlpha=True, posD=True, verbose=False, iter=VAHADANE_ITERATIONS, numThreads=1,
-    ).T
-    if dictionary[0, 0] < dictionary[1, 0]:  # haematoxylin first, as staintools orders them
-        dictionary = dictionary[[1, 0], :]
-    return dictionary / np.linalg.norm(dictionary, axis=1, keepdims=True)
-
-
-def macenko_stain_matrix(tissue_rgb: np.ndarray) -> np.ndarray:
-    from staintools import MacenkoStainExtractor
-
-    return MacenkoStainExtractor.get_stain_matrix(np.ascontiguousarray(tissue_rgb.reshape(-1, 1, 3)))
-
-
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """RGB uint8 -> optical density, N x 3 float (staintools' convention: 0 counts as 1, floor 1e-6)."""
-    flat = np.maximum(rgb.reshape(-1, 3), 1).astype(np.float32)
-    return np.maximum(-np.log(flat / 255.0), 1e-6)
-
-
-def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """Boolean mask of tissue pixels (staintools' luminosity threshold), same H x W as ``rgb``."""
-    import cv2
-
-    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)
-    return lab[..., 0] / 255.0 < LUMINOSITY_THRESHOLD
-
-
-def positive_lasso_2(od: np.ndarray, stain_matrix: np.ndarray, lam: float = LASSO_LAMBDA) -> np.ndarray:
-    """Exact ``argmin_c 0.5 ||od - c @ M||^2 + lam * sum(c)``, ``c >= 0``, for every row of ``od``.
-
-    Same problem as ``spams.lasso(mode=2, pos=True)`` with a 2-atom dictionary ``M`` (2 x 3). With two
-    unknowns the optimum lies in the interior or on one of the axes: solve the unconstrained 2 x 2
-    system, and where a component is not positive take the better of the two one-stain solutions.
-    """
-    gram = stain_matrix @ stain_matrix.T  # 2 x 2
-    r = od @ stain_matrix.T - lam  # N x 2: correlation minus the L1 pull
-    both = r @ np.linalg.inv(gram).T
-    c_h = np.maximum(r[:, 0], 0.0) / gram[0, 0]
-    c_e = np.maximum(r[:, 1], 0.0) / gram[1, 1]
-    gain_h = 0.5 * gram[0, 0] * c_h**2 - r[:, 0] * c_h  # objective of the one-stain solutions
-    gain_e = 0.5 * gram[1, 1] * c_e**2 - r[:, 1] * c_e
-    use_h = gain_h <= gain_e
-    single = np.stack([np.where(use_h, c_h, 0.0), np.where(use_h, 0.0, c_e)], axis=1)
-    interior = (both > 0).all(axis=1, keepdims=True)
-    return np.where(interior, both, single).astype(np.float32)
 
 
 class StainNormalizer:
@@ -303,7 +171,9 @@ class StainNormalizer:
         return rgb
 
     def stain_matrix(self, rgb: np.ndarray) -> np.ndarray | None:
-        """Fit a 2 x 3 stain matrix (H first) on a seeded sample of tissue pixels; None if no tissue."""
+        """Fit a 2 x 3 stain matrix (H first) on a seeded sample of tissue pixels.
+
+        None when there is too little tissue or the two stains cannot be separated."""
         pixels = rgb.reshape(-1, 3)
         if len(pixels) > 4 * self.fit_pixels:  # sample before masking: the mask is the slow part
             rng = np.random.default_rng(self.seed)
@@ -311,9 +181,10 @@ class StainNormalizer:
         tissue = pixels[tissue_mask(pixels.reshape(-1, 1, 3)).reshape(-1)][: self.fit_pixels]
         if len(tissue) < MIN_TISSUE_PIXELS:
             return None
-        if self.method == "vahadane":
-            return vahadane_stain_matrix(optical_density(tissue))
-        return macenko_stain_matrix(tissue)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fit = vahadane_stain_matrix if self.method == "vahadane" else macenko_stain_matrix
+            matrix = fit(tissue)
+        return matrix if is_separable(matrix) else None
 
     def fit(self, rgb: np.ndarray) -> "StainNormalizer":
         """Fit the target (reference) stain matrix and its 99th-percentile concentrations."""
@@ -322,7 +193,7 @@ class StainNormalizer:
         rgb = self._prepare(rgb)
         matrix = self.stain_matrix(rgb)
         if matrix is None:
-            raise InputError("stain reference: no tissue found (every pixel is background)")
+            raise InputError("stain reference: no tissue with two separable stains found")
         conc = concentrations(rgb, matrix)
         self.stain_matrix_target = matrix
         self.max_conc_target = np.array([upper_percentile(c, 99) for c in conc])
@@ -336,7 +207,7 @@ class StainNormalizer:
             raise RuntimeError("StainNormalizer.transform called before fit")
         rgb = self._prepare(rgb)
         matrix = self.stain_matrix(rgb)
-        if matrix is None:  # nothing to normalize: a blank image maps to itself
+        if matrix is None:  # background or a single colour: nothing to normalize, keep it as it is
             return rgb.copy()
         c_h, c_e = concentrations(rgb, matrix)
         scale = self.max_conc_target / np.maximum([upper_percentile(c_h, 99), upper_percentile(c_e, 99)], 1e-6)

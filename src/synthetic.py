@@ -26,6 +26,7 @@ from scipy.spatial import cKDTree
 from src.config import SimulateConfig, load_params
 from src.errors import exit_on_input_error
 from src.io_utils import atomic_path
+from src.slides import image_chunks
 
 # Reference H&E optical-density vectors (Ruifrok & Johnston).
 H_VECTOR = np.array([0.65, 0.70, 0.29])
@@ -235,7 +236,7 @@ def write_layout(slides, names: list[str], h5_path: Path, truth_path: Path, seed
         with h5py.File(tmp_h5, "w") as h5, h5py.File(tmp_truth, "w") as truth:
             truth.attrs["target_names"] = names
             for split, name, s in slides:
-                h5.create_dataset(f"images/{split}/{name}", data=s.image, chunks=(256, 256, 3))
+                h5.create_dataset(f"images/{split}/{name}", data=s.image, chunks=image_chunks(s.image.shape))
                 if split == "Train":
                     dtype = [("x", "<i8"), ("y", "<i8")] + [(n, "<f8") for n in names]
                     table = np.zeros(len(s.x), dtype=dtype)

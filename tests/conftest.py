@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny simulated slides written in the competition layout."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from src.config import SimulateConfig
+from src.synthetic import simulate, write_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = SimulateConfig(seed=3, n_train=2, n_test=1, size=240, pitch=25.0, n_types=35, max_offset=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> tuple[Path, Path]:
+    """(layout file, truth file) of 2 train + 1 test simulated slides of 240 x 240 px."""
+    folder = tmp_path_factory.mktemp("tiny")
+    slides, names = simulate(TINY)
+    write_layout(slides, names, folder / "slides.h5", folder / "truth.h5", TINY.seed)
+    return folder / "slides.h5", folder / "truth.h5"
+
+
+@pytest.fixture
+def tiny_copy(tiny_dataset, tmp_path) -> Path:
+    """A private, writable copy of the tiny layout file."""
+    path = tmp_path / "slides.h5"
+    shutil.copy(tiny_dataset[0], path)
+    return path
+
+
+def read_layout(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset of an HDF5 file as {key: array}."""
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as h5:
+        h5.visititems(lambda key, obj: out.__setitem__(key, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def write_datasets(path: Path, datasets: dict[str, np.ndarray]) -> Path:
+    with h5py.File(path, "w") as h5:
+        for key, value in datasets.items():
+            h5.create_dataset(key, data=value)
+    return path

@@ -1,0 +1,77 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.config import PatchesConfig, StainConfig
+from src.errors import InputError
+from src.normalize import SLIDES_FILE, normalize_file
+from src.patches import crop_patches, extract_patches
+from src.slides import SlideRef, open_h5, read_image_uint8
+
+
+def test_crop_is_centred_on_the_spot_with_reflect_padding():
+    image = np.arange(20 * 30 * 3, dtype=np.int32).reshape(20, 30, 3)
+    x, y = np.array([10, 0, 29]), np.array([5, 0, 19])
+    patches = crop_patches(image, x, y, size=8)
+    assert patches.shape == (3, 8, 8, 3)
+    np.testing.assert_array_equal(patches[0], image[1:9, 6:14])  # img[y-h:y+h, x-h:x+h]
+    for patch, (cx, cy) in zip(patches, zip(x, y)):
+        np.testing.assert_array_equal(patch[4, 4], image[cy, cx])
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(patches[1], padded[0:8, 0:8])  # corner spot: reflected border
+
+
+def test_offsets_move_the_crop():
+    image = np.random.default_rng(0).integers(0, 255, (50, 60, 3)).astype(np.uint8)
+    shifted = crop_patches(image, np.array([20]), np.array([25]), 10, offset=(-5, 3))
+    np.testing.assert_array_equal(shifted[0], crop_patches(image, np.array([15]), np.array([28]), 10)[0])
+
+
+@pytest.fixture(scope="module")
+def normalized(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("norm") / "normalized"
+    normalize_file(tiny_dataset[0], out, StainConfig("vahadane", "", True, 20_000, 0), log=lambda _: None)
+    return out
+
+
+def test_patch_stage_writes_memmappable_arrays_and_spot_tables(normalized, tmp_path):
+    out = tmp_path / "patches"
+    extract_patches(normalized / SLIDES_FILE, out, PatchesConfig(size=16, offsets={"S_2": [2, -1]}),
+                    log=lambda _: None)
+    train = np.load(out / "train.npy", mmap_mode="r")
+    spots = pd.read_csv(out / "train_spots.csv")
+    meta = json.loads((out / "meta.json").read_text())
+    assert isinstance(train, np.memmap) and train.dtype == np.uint8
+    assert train.shape == (len(spots), 16, 16, 3)
+    assert list(spots.columns[:4]) == ["slide", "spot", "x", "y"]
+    assert meta["targets"] == [f"C{i}" for i in range(1, 36)]
+    assert list(spots.columns[4:]) == meta["targets"]
+    assert meta["slides"]["S_1"] == {"split": "Train", "height": 240, "width": 240,
+                                     "n_spots": int((spots.slide == "S_1").sum())}
+    test_spots = pd.read_csv(out / "test_spots.csv")
+    assert list(test_spots.columns) == ["slide", "spot", "x", "y", "Test_Set"]
+    assert np.load(out / "test.npy", mmap_mode="r").shape[0] == len(test_spots)
+    with open_h5(normalized / SLIDES_FILE) as h5:
+        image = read_image_uint8(h5, SlideRef("Train", "S_2"))
+    row = spots.index[spots.slide == "S_2"][0]
+    x, y = spots.loc[row, ["x", "y"]]
+    np.testing.assert_array_equal(train[row, 8, 8], image[y - 1, x + 2])  # offset applied
+
+
+def test_unknown_offset_slide_is_an_error_and_writes_nothing(normalized, tmp_path):
+    out = tmp_path / "patches"
+    with pytest.raises(InputError, match=r"patches.offsets.S_9: no such slide"):
+        extract_patches(normalized / SLIDES_FILE, out, PatchesConfig(16, {"S_9": [1, 1]}), log=print)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_normalized_file_keeps_the_layout_and_the_reference(normalized, tiny_dataset):
+    from src.validate import validate_file
+
+    summaries = validate_file(normalized / SLIDES_FILE)
+    assert {s.dtype for s in summaries} == {"uint8"}
+    state = json.loads((normalized / "stain.json").read_text())
+    assert state["reference_slide"] == "S_1" and state["method"] == "vahadane"
+    assert np.asarray(state["stain_matrix_target"]).shape == (2, 3)

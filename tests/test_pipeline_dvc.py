@@ -1,0 +1,90 @@
+"""The DVC pipeline end to end in a throwaway repo: repro, no-op repro, partial rerun, push/pull."""
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "simulate": {"size": 240, "n_train": 2, "n_test": 1},
+    "stain": {"fit_pixels": 20000},
+    "patches": {"size": 16},
+}
+
+
+def _run(args, cwd, env):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC repo with this project's stages and code, params shrunk for speed."""
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    repo.mkdir()
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in SMALL.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1")
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    return repo, env
+
+
+def test_repro_then_noop_then_only_changed_stages(repo):
+    path, env = repo
+    first = _run(["dvc", "repro"], path, env)
+    for stage in ("simulate", "normalize", "patches"):
+        assert f"Running stage '{stage}'" in first
+    assert (path / "data/patches/train.npy").is_file()
+
+    second = _run(["dvc", "repro"], path, env)
+    assert "Running stage" not in second
+
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["stain"]["method"] = "macenko"
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _run(["dvc", "repro"], path, env)
+    assert "Running stage 'simulate'" not in third
+    assert "Running stage 'normalize'" in third
+    assert "Running stage 'patches'" in third
+
+
+def test_patches_push_to_a_remote_and_pull_byte_identical_into_a_fresh_clone(repo, tmp_path):
+    path, env = repo
+    _run(["dvc", "repro"], path, env)
+    remote = tmp_path / "remote"
+    _run(["dvc", "remote", "add", "-d", "team", str(remote)], path, env)
+    _run(["git", "add", "-A"], path, env)
+    _run(["git", "commit", "-qm", "pipeline"], path, env)
+    _run(["dvc", "push"], path, env)
+
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(path), str(clone)], tmp_path, env)
+    assert not (clone / "data/patches").exists()
+    _run(["dvc", "pull"], clone, env)
+    for folder in ("data/patches", "data/normalized"):
+        files = _files(path / folder)
+        assert files and files == _files(clone / folder)
+        for name in files:
+            assert filecmp.cmp(path / folder / name, clone / folder / name, shallow=False), name
+    status = _run(["dvc", "status"], clone, env)
+    assert "up to date" in status

@@ -1,0 +1,142 @@
+"""Every bad-input case: one line naming file/slide/field/value, exit code 2, nothing written."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from numpy.lib import recfunctions
+
+from src import normalize, validate
+from src.config import read_raw
+from tests.conftest import ROOT, read_layout, write_datasets
+
+TRAIN_SPOTS = "spots/Train/S_1"
+TRAIN_IMAGE = "images/Train/S_1"
+
+
+def _set(key, fn):
+    def mutate(d):
+        d[key] = fn(d[key])
+    return mutate
+
+
+def _drop(*keys):
+    def mutate(d):
+        for key in [k for k in d if any(k.startswith(p) for p in keys)]:
+            del d[key]
+    return mutate
+
+
+def _assign(key, field, index, value):
+    def fn(table):
+        table = table.copy()
+        table[field][index] = value
+        return table
+    return _set(key, fn)
+
+
+def _duplicate_first_spot(table):
+    table = table.copy()
+    table["x"][1], table["y"][1] = table["x"][0], table["y"][0]
+    return table
+
+
+def _image_value(value):
+    def fn(image):
+        image = image.copy()
+        image[5, 7, 1] = value
+        return image
+    return _set(TRAIN_IMAGE, fn)
+
+
+CASES = {
+    "images group missing": (_drop("images/"), "group 'images' missing"),
+    "spots group missing": (_drop("spots/"), "group 'spots' missing"),
+    "image without spots": (_drop(TRAIN_SPOTS), "slide Train/S_1 has an image but no spots/Train/S_1"),
+    "spots without image": (_drop(TRAIN_IMAGE), "slide Train/S_1 has spots but no images/Train/S_1"),
+    "image not HxWx3": (_set(TRAIN_IMAGE, lambda im: im[..., :2]), "images/Train/S_1: image shape (240, 240, 2) is not H x W x 3"),
+    "image 2-D": (_set(TRAIN_IMAGE, lambda im: im[..., 0]), "images/Train/S_1: image shape (240, 240) is not H x W x 3"),
+    "float above 1": (_image_value(1.5), "images/Train/S_1: pixel (row 5, col 7) value 1.5 outside 0-1"),
+    "float below 0": (_image_value(-0.25), "pixel (row 5, col 7) value -0.25 outside 0-1"),
+    "NaN pixel": (_image_value(np.nan), "images/Train/S_1: pixel (row 5, col 7) is nan"),
+    "NaN abundance": (_assign(TRAIN_SPOTS, "C3", 4, np.nan), "spots/Train/S_1: spot 4 field 'C3' = nan is NaN"),
+    "negative abundance": (_assign(TRAIN_SPOTS, "C9", 2, -0.5), "spot 2 field 'C9' = -0.5 is a negative abundance"),
+    "infinite abundance": (_assign(TRAIN_SPOTS, "C1", 0, np.inf), "spot 0 field 'C1' = inf is infinite"),
+    "spot right of image": (_assign(TRAIN_SPOTS, "x", 3, 240), "spots/Train/S_1: spot 3 field 'x' = 240 outside the image (0..239)"),
+    "spot above image": (_assign(TRAIN_SPOTS, "y", 1, -2), "spot 1 field 'y' = -2 outside the image"),
+    "duplicate coordinates": (_set(TRAIN_SPOTS, _duplicate_first_spot), "spots/Train/S_1: duplicate spot coordinates"),
+    "missing x": (_set(TRAIN_SPOTS, lambda t: recfunctions.drop_fields(t, "x", usemask=False)), "spots/Train/S_1: field 'x' missing"),
+    "missing y on test": (_set("spots/Test/S_3", lambda t: recfunctions.drop_fields(t, "y", usemask=False)), "spots/Test/S_3: field 'y' missing"),
+    "missing target column": (_set("spots/Train/S_2", lambda t: recfunctions.drop_fields(t, "C7", usemask=False)), "spots/Train/S_2: target columns differ from S_1 (field C7)"),
+    "no target columns": (_set(TRAIN_SPOTS, lambda t: recfunctions.repack_fields(t[["x", "y"]])), "spots/Train/S_1: no target (cell-type) fields"),
+    "zero spots": (_set(TRAIN_SPOTS, lambda t: t[:0]), "spots/Train/S_1: slide has zero spots"),
+    "no Train slides": (_drop("images/Train", "spots/Train"), "no Train slides under images/Train"),
+}
+
+
+def _bad_file(tiny_dataset, tmp_path, mutate):
+    datasets = read_layout(tiny_dataset[0])
+    mutate(datasets)
+    return write_datasets(tmp_path / "bad.h5", datasets)
+
+
+def _assert_one_line_exit_2(capsys, fn, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        fn()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert expected in err, err
+    return err
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_file_is_one_line_exit_2_and_writes_nothing(case, tiny_dataset, tmp_path, capsys):
+    mutate, expected = CASES[case]
+    path = _bad_file(tiny_dataset, tmp_path, mutate)
+    err = _assert_one_line_exit_2(capsys, lambda: validate.main([str(path)]), expected)
+    assert str(path) in err
+
+    # The normalize stage validates first and leaves no partial output behind.
+    raw = read_raw(ROOT / "params.yaml")
+    raw["data"]["h5"] = str(path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "normalized"
+    _assert_one_line_exit_2(capsys, lambda: normalize.main(["--out", str(out), "--params", str(params)]), expected)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5", "params.yaml"]
+
+
+def test_missing_file_and_not_hdf5(tmp_path, capsys):
+    missing = tmp_path / "absent.h5"
+    _assert_one_line_exit_2(capsys, lambda: validate.main([str(missing)]), f"{missing}: file not found")
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5")
+    _assert_one_line_exit_2(capsys, lambda: validate.main([str(text)]), f"{text}: not an HDF5 file")
+
+
+def test_good_file_prints_summary_and_exits_0(tiny_dataset, capsys):
+    validate.main([str(tiny_dataset[0])])
+    out = capsys.readouterr().out
+    assert "S_1" in out and "Train" in out and "Test" in out
+    assert "training spots" in out
+
+
+def test_cli_shows_no_traceback(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x00" * 64)
+    result = subprocess.run([sys.executable, "-m", "src.validate", str(bad)], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {bad}: not an HDF5 file"
+    assert "Traceback" not in result.stderr
+
+
+def test_uint8_images_are_accepted(tiny_dataset, tmp_path):
+    datasets = read_layout(tiny_dataset[0])
+    for key in [k for k in datasets if k.startswith("images/")]:
+        datasets[key] = (datasets[key] * 255).round().astype(np.uint8)
+    summaries = validate.validate_file(write_datasets(tmp_path / "u8.h5", datasets))
+    assert {s.dtype for s in summaries} == {"uint8"}
