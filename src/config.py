@@ -52,11 +52,69 @@ class PatchesConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    backbone: str  # any timm model name (timm.create_model(name, num_classes=0))
+    pretrained: bool  # timm hub weights (needs network); ignored when `weights` is set
+    weights: str  # local .safetensors / .pt state dict for offline machines ("" = none)
+    input_size: int  # px fed to the backbone; 0 = the backbone's own data-config size
+    unfrozen_blocks: int  # the last k blocks of the backbone train; 0 = frozen backbone
+    fusion: str  # how coordinates join image features: product | concat | film | gated | none
+    coord_dim: int  # width of the coordinate encoder
+    hidden: int  # width of the fused representation (head input)
+    dropout: float  # dropout in the head and coordinate encoder
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    alpha: float  # weight of (1 - soft Spearman); (1 - alpha) weighs the MSE
+    regularization: float  # torchsort soft_rank regularization strength (-> 0: hard ranks)
+    target_transform: str  # log1p | rank (within spot) | raw
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int  # passes over the training spots
+    batch_size: int
+    lr_backbone: float  # AdamW learning rate of the backbone's unfrozen blocks
+    lr_head: float  # AdamW learning rate of the head, coordinate encoder and fusion
+    weight_decay: float
+    warmup_fraction: float  # share of steps with linear warm-up before the cosine decay
+    grad_clip: float  # max gradient norm; 0 = no clipping
+    seed: int
+    flips: bool  # augmentation: random element of the dihedral group (flips, 90-degree turns)
+    color_jitter: float  # brightness/contrast/saturation jitter strength; 0 = off
+    resized_crop: float  # RandomResizedCrop minimum scale; 0 = off
+    num_workers: int  # DataLoader worker processes
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    scheme: str  # blocks (contiguous spatial blocks per slide) | leave_one_slide_out
+    n_folds: int  # folds of the blocks scheme
+    blocks_per_fold: int  # blocks each slide contributes to each fold
+    buffer_px: float  # extra margin beyond "a training patch reaches a validation spot"
+    seed: int  # assignment of blocks to folds
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    tta: list[str]  # dihedral transforms averaged at inference (identity, hflip, vflip, rot90, ...)
+    smoothing_sigma: float  # Gaussian smoothing over neighbouring spots, px; 0 = off
+    smoothing_truncate: float  # neighbours within truncate * sigma count
+    batch_size: int
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig
     simulate: SimulateConfig
     stain: StainConfig
     patches: PatchesConfig
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    cv: CVConfig
+    infer: InferConfig
 
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:

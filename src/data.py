@@ -1,0 +1,122 @@
+"""The patch store (output of stage ``patches``) as arrays and torch datasets."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from src.config import TrainConfig
+from src.errors import InputError
+from src.model import Preprocessing
+from src.patches import META_FILE
+
+
+@dataclass
+class PatchSet:
+    """Patches of one split with their spot table; ``images`` is memory-mapped (N x P x P x 3 uint8)."""
+
+    images: np.ndarray
+    spots: pd.DataFrame  # slide, spot, x, y, then targets or Test_Set
+    targets: list[str]  # cell-type columns
+    slide_sizes: dict[str, tuple[int, int]]  # slide -> (height, width)
+    patch_size: int
+
+    @property
+    def abundance(self) -> np.ndarray:
+        return self.spots[self.targets].to_numpy(np.float64)
+
+    def coords(self) -> np.ndarray:
+        """Per-slide normalized spot coordinates (x / W, y / H) in [0, 1], N x 2 float32."""
+        heights = self.spots["slide"].map(lambda s: self.slide_sizes[s][0]).to_numpy(np.float64)
+        widths = self.spots["slide"].map(lambda s: self.slide_sizes[s][1]).to_numpy(np.float64)
+        return np.stack([self.spots["x"] / widths, self.spots["y"] / heights], axis=1).astype(np.float32)
+
+    def xy(self) -> np.ndarray:
+        return self.spots[["x", "y"]].to_numpy(np.float64)
+
+
+def load_patch_set(folder: str | Path, split: str = "train") -> PatchSet:
+    folder = Path(folder)
+    images_path, spots_path = folder / f"{split}.npy", folder / f"{split}_spots.csv"
+    for path in (images_path, spots_path, folder / META_FILE):
+        if not path.is_file():
+            raise InputError(f"{path}: not found (run `dvc repro patches` first)")
+    meta = json.loads((folder / META_FILE).read_text())
+    images = np.load(images_path, mmap_mode="r")
+    spots = pd.read_csv(spots_path)
+    if len(images) != len(spots):
+        raise InputError(f"{images_path}: {len(images)} patches but {len(spots)} rows in {spots_path}")
+    sizes = {name: (s["height"], s["width"]) for name, s in meta["slides"].items()}
+    return PatchSet(images, spots, list(meta["targets"]), sizes, int(meta["size"]))
+
+
+def dihedral(images: torch.Tensor, name: str) -> torch.Tensor:
+    """One element of the dihedral group of the square, applied to (..., H, W) tensors."""
+    ops = {
+        "identity": lambda t: t,
+        "hflip": lambda t: t.flip(-1),
+        "vflip": lambda t: t.flip(-2),
+        "rot90": lambda t: t.rot90(1, (-2, -1)),
+        "rot180": lambda t: t.rot90(2, (-2, -1)),
+        "rot270": lambda t: t.rot90(3, (-2, -1)),
+        "transpose": lambda t: t.transpose(-2, -1),
+        "antitranspose": lambda t: t.rot90(2, (-2, -1)).transpose(-2, -1),
+    }
+    if name not in ops:
+        raise InputError(f"params: infer.tta: unknown transform {name!r} (choose {', '.join(DIHEDRAL)})")
+    return ops[name](images)
+
+
+DIHEDRAL = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose")
+
+
+class RandomDihedral(torch.nn.Module):
+    """A uniformly drawn element of the dihedral group (flips and 90-degree rotations)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return dihedral(image, DIHEDRAL[int(torch.randint(len(DIHEDRAL), ()))])
+
+
+def build_transform(prep: Preprocessing, patch_size: int, train: TrainConfig | None) -> v2.Compose:
+    """uint8 CHW tensor -> normalized float tensor at the backbone's input size (+ augmentation)."""
+    steps: list = []
+    if train is not None:
+        if train.resized_crop > 0:
+            steps.append(v2.RandomResizedCrop(patch_size, scale=(train.resized_crop, 1.0), antialias=True))
+        if train.flips:
+            steps.append(RandomDihedral())
+        if train.color_jitter > 0:
+            j = train.color_jitter
+            steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j, 0.5) / 2))
+    if prep.input_size != patch_size:
+        steps.append(v2.Resize(prep.input_size, antialias=True))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
+    return v2.Compose(steps)
+
+
+class SpotDataset(Dataset):
+    """(image, coords, targets, ranks) for the chosen rows of a :class:`PatchSet`."""
+
+    def __init__(self, patch_set: PatchSet, rows: np.ndarray, transform: v2.Compose,
+                 targets: np.ndarray | None = None, ranks: np.ndarray | None = None):
+        self.images = patch_set.images
+        self.rows = np.asarray(rows)
+        self.coords = torch.from_numpy(patch_set.coords()[self.rows])
+        n_targets = len(patch_set.targets)
+        empty = np.zeros((len(self.rows), n_targets), np.float32)
+        self.targets = torch.from_numpy((targets if targets is not None else empty).astype(np.float32))
+        self.ranks = torch.from_numpy((ranks if ranks is not None else empty).astype(np.float32))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        image = torch.from_numpy(np.array(self.images[self.rows[i]])).permute(2, 0, 1)  # copy off the memmap
+        return self.transform(image), self.coords[i], self.targets[i], self.ranks[i]

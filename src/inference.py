@@ -1,0 +1,71 @@
+"""Batched prediction with test-time augmentation over the dihedral group."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from src.data import DIHEDRAL, PatchSet, SpotDataset, build_transform, dihedral
+from src.errors import InputError
+from src.model import SpatialCellModel
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing on the CPU (bf16 there is slower and less exact)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_tta(names: list[str]) -> None:
+    if not names:
+        raise InputError("params: infer.tta: list at least one transform (identity = no TTA)")
+    for name in names:
+        if name not in DIHEDRAL:
+            raise InputError(f"params: infer.tta: unknown transform {name!r} (choose {', '.join(DIHEDRAL)})")
+
+
+@torch.inference_mode()
+def predict(model: SpatialCellModel, patch_set: PatchSet, rows: np.ndarray, tta: list[str],
+            batch_size: int = 256, device: torch.device | None = None) -> np.ndarray:
+    """Mean prediction over the ``tta`` transforms for the given rows (N x T, target space)."""
+    check_tta(tta)
+    device = device or default_device()
+    model.eval().to(device)
+    transform = build_transform(model.preprocessing, patch_set.patch_size, train=None)
+    loader = DataLoader(SpotDataset(patch_set, rows, transform), batch_size=batch_size, shuffle=False,
+                        pin_memory=device.type == "cuda")
+    out = []
+    for images, coords, _, _ in loader:
+        images = images.to(device, non_blocking=True)
+        coords = coords.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        total = None
+        with autocast(device):
+            for name in tta:
+                pred = model(dihedral(images, name), coords).float()
+                total = pred if total is None else total + pred
+        out.append((total / len(tta)).cpu())
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(patch_set.targets)))
+
+
+def predict_abundance(model: SpatialCellModel, meta: dict, patch_set: PatchSet,
+                      device: torch.device | None = None) -> np.ndarray:
+    """What a checkpoint predicts for every spot of ``patch_set``: TTA, then spatial smoothing per
+    slide, on the abundance scale (N x T). Settings come from the checkpoint (``meta``)."""
+    from src.losses import to_abundance_scale
+    from src.smoothing import smooth
+
+    infer = meta["infer"]
+    rows = np.arange(len(patch_set.spots))
+    pred = predict(model, patch_set, rows, infer.tta, infer.batch_size, device)
+    pred = smooth(pred, patch_set.xy(), patch_set.spots["slide"].to_numpy(), infer.smoothing_sigma,
+                  infer.smoothing_truncate)
+    return to_abundance_scale(pred, meta["target_transform"])

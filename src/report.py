@@ -1,0 +1,51 @@
+"""Pictures of a prediction: spatial maps of a few cell types and per-cell-type Spearman bars."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.stats import rankdata  # noqa: E402
+
+from src.io_utils import atomic_path  # noqa: E402
+
+
+def spatial_map(path: Path, xy: np.ndarray, pred: np.ndarray, names: list[str],
+                true: np.ndarray | None, slide: str, n_types: int = 4) -> None:
+    """Predicted (and true, when known) abundance of the most variable cell types over one slide.
+
+    Colours are ranks within the panel, so predicted and true maps compare by pattern, not scale."""
+    reference = true if true is not None else pred
+    chosen = np.argsort(np.log1p(np.clip(reference, 0, None)).std(axis=0))[::-1][:n_types]
+    rows = [("predicted", pred)] + ([("true", true)] if true is not None else [])
+    fig, axes = plt.subplots(len(rows), n_types, figsize=(3.2 * n_types, 3.2 * len(rows)), squeeze=False)
+    for r, (label, values) in enumerate(rows):
+        for c, j in enumerate(chosen):
+            ax = axes[r, c]
+            ax.scatter(xy[:, 0], xy[:, 1], c=rankdata(values[:, j]), s=6, cmap="viridis")
+            ax.set_title(f"{names[j]} {label}", fontsize=9)
+            ax.invert_yaxis()
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"slide {slide}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def per_type_bars(path: Path, names: list[str], scores: np.ndarray, label: str) -> None:
+    order = np.argsort(np.nan_to_num(scores, nan=-2))
+    fig, ax = plt.subplots(figsize=(6, 0.22 * len(names) + 1))
+    ax.barh([names[i] for i in order], np.nan_to_num(scores[order]), color="tab:blue")
+    ax.set_xlabel(f"Spearman across spots ({label})")
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)

@@ -1,0 +1,204 @@
+"""Training: ``fit`` one model, ``cross_validate`` over spatial folds, and stage ``train``
+(fit on every training spot, write a self-describing checkpoint)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import DataLoader
+
+from src.checkpoint import save_checkpoint
+from src.config import Params, load_params
+from src.data import PatchSet, SpotDataset, build_transform, load_patch_set
+from src.errors import exit_on_input_error
+from src.inference import autocast, default_device, predict
+from src.losses import AbundanceLoss, target_ranks, transform_targets
+from src.metrics import competition_score, floor_score, per_type_spearman
+from src.model import SpatialCellModel
+from src.smoothing import smooth
+from src.splits import make_folds
+
+EpochCallback = Callable[[int, float], None]  # (epoch, validation score); may raise to stop
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup_fraction`` of the steps, then cosine to 0."""
+    warmup = max(1, int(round(total_steps * warmup_fraction))) if warmup_fraction > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class FitResult:
+    model: SpatialCellModel
+    epochs_run: int
+    train_loss: list[float] = field(default_factory=list)
+    val_scores: list[float] = field(default_factory=list)  # per epoch, no TTA or smoothing
+
+
+def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: np.ndarray | None = None,
+        on_epoch: EpochCallback | None = None, device: torch.device | None = None,
+        show_progress: bool = True) -> FitResult:
+    """Train a fresh model on ``train_rows``; report the validation score after each epoch."""
+    device = device or default_device()
+    generator = seed_everything(params.train.seed)
+    model = SpatialCellModel(params.model, n_outputs=len(patch_set.targets)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    abundance = patch_set.abundance
+    targets = transform_targets(abundance, params.loss.target_transform)
+    ranks = target_ranks(abundance)
+    model.init_output_bias(torch.from_numpy(targets[train_rows].mean(axis=0)))
+    train_set = SpotDataset(patch_set, train_rows,
+                            build_transform(model.preprocessing, patch_set.patch_size, params.train),
+                            targets[train_rows], ranks[train_rows])
+    cfg = params.train
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                        drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    backbone_params, head_params = model.trainable_parameter_groups()
+    groups = [{"params": head_params, "lr": cfg.lr_head}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.lr_backbone})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.epochs * len(loader), cfg.warmup_fraction))
+    loss_fn = AbundanceLoss(params.loss)
+    result = FitResult(model=model, epochs_run=0)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not show_progress,
+                        transient=False)
+    with progress:
+        for epoch in range(cfg.epochs):
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), status="")
+            model.train()
+            running = torch.zeros((), device=device)
+            for images, coords, batch_targets, batch_ranks in loader:
+                images = images.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast(device):
+                    pred = model(images, coords.to(device, non_blocking=True))
+                loss = loss_fn(pred, batch_targets.to(device, non_blocking=True),
+                               batch_ranks.to(device, non_blocking=True))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                running += loss.detach()
+                progress.advance(task)
+            epoch_loss = float(running) / max(1, len(loader))  # one host sync per epoch
+            result.train_loss.append(epoch_loss)
+            result.epochs_run = epoch + 1
+            status = f"loss {epoch_loss:.4f}"
+            if val_rows is not None and len(val_rows):
+                pred = predict(model, patch_set, val_rows, ["identity"], params.infer.batch_size, device)
+                score = competition_score(pred, abundance[val_rows])
+                result.val_scores.append(score)
+                status += f"  val spearman {score:.4f}"
+            progress.update(task, status=status)
+            if on_epoch is not None and result.val_scores:
+                on_epoch(epoch, result.val_scores[-1])
+    return result
+
+
+@dataclass
+class CVResult:
+    oof: np.ndarray  # N x T out-of-fold predictions (target space, TTA, no smoothing)
+    fold_of: np.ndarray  # fold of each training spot
+    fold_scores: list[float]  # per fold, after smoothing
+    score: float  # competition score of all smoothed OOF predictions
+    floor: float  # training-mean-profile score on the same validation spots
+    per_type: np.ndarray  # per-cell-type Spearman of smoothed OOF predictions
+    epochs_run: list[int]
+    dropped: list[int]  # training spots removed by the buffer, per fold
+    seconds: float
+
+
+def cv_score(oof: np.ndarray, patch_set: PatchSet, fold_of: np.ndarray, sigma: float, truncate: float
+             ) -> tuple[float, list[float], np.ndarray]:
+    """Score smoothed OOF predictions: overall, per fold and per cell type (sigma needs no retraining)."""
+    truth = patch_set.abundance
+    smoothed = smooth(oof, patch_set.xy(), patch_set.spots["slide"].to_numpy(), sigma, truncate)
+    folds = [competition_score(smoothed[fold_of == k], truth[fold_of == k]) for k in np.unique(fold_of)]
+    return competition_score(smoothed, truth), folds, per_type_spearman(smoothed, truth)
+
+
+def cross_validate(params: Params, patch_set: PatchSet, on_epoch: Callable[[int, int, float], None] | None = None,
+                   device: torch.device | None = None, show_progress: bool = True) -> CVResult:
+    """Region-blocked spatial CV: one model per fold, TTA predictions for its validation spots."""
+    start = time.perf_counter()
+    folds = make_folds(patch_set.xy(), patch_set.spots["slide"].to_numpy(), params.cv, patch_set.patch_size)
+    abundance = patch_set.abundance
+    oof = np.zeros_like(abundance)
+    fold_of = np.full(len(abundance), -1)
+    floor_preds = np.zeros_like(abundance)
+    epochs_run = []
+    for k, fold in enumerate(folds):
+        callback = (lambda epoch, score, k=k: on_epoch(k, epoch, score)) if on_epoch else None
+        result = fit(params, patch_set, fold.train, fold.val, callback, device, show_progress)
+        oof[fold.val] = predict(result.model, patch_set, fold.val, params.infer.tta,
+                                params.infer.batch_size, device)
+        fold_of[fold.val] = k
+        floor_preds[fold.val] = abundance[fold.train].mean(axis=0)
+        epochs_run.append(result.epochs_run)
+    score, fold_scores, per_type = cv_score(oof, patch_set, fold_of, params.infer.smoothing_sigma,
+                                            params.infer.smoothing_truncate)
+    return CVResult(oof=oof, fold_of=fold_of, fold_scores=fold_scores, score=score,
+                    floor=competition_score(floor_preds, abundance), per_type=per_type,
+                    epochs_run=epochs_run, dropped=[f.dropped for f in folds],
+                    seconds=time.perf_counter() - start)
+
+
+def train_final(params: Params, patches_dir: Path, stain_file: Path, out: Path) -> FitResult:
+    """Fit on every training spot and write the checkpoint."""
+    patch_set = load_patch_set(patches_dir, "train")
+    result = fit(params, patch_set, np.arange(len(patch_set.spots)))
+    save_checkpoint(out, result.model, targets=patch_set.targets,
+                    target_transform=params.loss.target_transform, patch_size=patch_set.patch_size,
+                    infer=params.infer, stain=json.loads(stain_file.read_text()))
+    return result
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m src.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store")
+    parser.add_argument("--stain", type=Path, default=Path("data/normalized/stain.json"),
+                        help="fitted stain reference (stored in the checkpoint for predict)")
+    parser.add_argument("--out", type=Path, default=Path("models/model.pt"), help="checkpoint to write")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one param, e.g. train.epochs=2 (repeatable)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params, args.set)
+    result = train_final(params, args.patches, args.stain, args.out)
+    print(f"wrote {args.out} after {result.epochs_run} epochs (final loss {result.train_loss[-1]:.4f})")
+
+
+if __name__ == "__main__":
+    main()
