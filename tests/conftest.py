@@ -45,3 +45,31 @@ def write_datasets(path: Path, datasets: dict[str, np.ndarray]) -> Path:
         for key, value in datasets.items():
             h5.create_dataset(key, data=value)
     return path
+
+
+FAST = [  # shrink the project's recipe for tests: tiny backbone and input, one epoch
+    "model.backbone=resnet10t", "model.input_size=32", "model.unfrozen_blocks=1", "model.hidden=64",
+    "model.coord_dim=16", "train.epochs=1", "train.batch_size=16", "infer.batch_size=64",
+    "infer.tta=[identity, hflip]", "cv.n_folds=2",
+]
+
+
+def fast_params(*overrides: str):
+    from src.config import load_params
+
+    return load_params(ROOT / "params.yaml", [*FAST, *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_patches(tiny_dataset, tmp_path_factory) -> Path:
+    """Normalized 32 px patches of the tiny slides (stage outputs of normalize + patches)."""
+    from src.config import PatchesConfig, StainConfig
+    from src.normalize import SLIDES_FILE, normalize_file
+    from src.patches import extract_patches
+
+    folder = tmp_path_factory.mktemp("stages")
+    normalize_file(tiny_dataset[0], folder / "normalized", StainConfig("vahadane", "", True, 20_000, 0),
+                   log=lambda _: None)
+    extract_patches(folder / "normalized" / SLIDES_FILE, folder / "patches", PatchesConfig(32, {}),
+                    log=lambda _: None)
+    return folder

@@ -1,5 +1,6 @@
 """The DVC pipeline end to end in a throwaway repo: repro, no-op repro, partial rerun, push/pull."""
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -16,8 +17,13 @@ pytestmark = pytest.mark.slow
 SMALL = {
     "simulate": {"size": 240, "n_train": 2, "n_test": 1},
     "stain": {"fit_pixels": 20000},
-    "patches": {"size": 16},
+    "patches": {"size": 32},
+    "model": {"backbone": "resnet10t", "input_size": 32, "unfrozen_blocks": 1, "hidden": 64},
+    "train": {"epochs": 1, "batch_size": 16},
+    "cv": {"n_folds": 2},
+    "infer": {"tta": ["identity", "hflip"]},
 }
+STAGES = ("simulate", "normalize", "patches", "cv", "train", "evaluate")
 
 
 def _run(args, cwd, env):
@@ -52,9 +58,13 @@ def repo(tmp_path_factory):
 def test_repro_then_noop_then_only_changed_stages(repo):
     path, env = repo
     first = _run(["dvc", "repro"], path, env)
-    for stage in ("simulate", "normalize", "patches"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first
     assert (path / "data/patches/train.npy").is_file()
+    metrics = json.loads((path / "metrics/evaluate.json").read_text())
+    assert {"cv_spearman", "test_spearman", "floor_spearman", "ceiling_spearman", "skill"} <= set(metrics)
+    submission = (path / "outputs/submission.csv").read_text().splitlines()
+    assert submission[0].startswith("ID,C1,") and len(submission) > 10
 
     second = _run(["dvc", "repro"], path, env)
     assert "Running stage" not in second
@@ -64,8 +74,15 @@ def test_repro_then_noop_then_only_changed_stages(repo):
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], path, env)
     assert "Running stage 'simulate'" not in third
-    assert "Running stage 'normalize'" in third
-    assert "Running stage 'patches'" in third
+    for stage in STAGES[1:]:  # everything downstream of the normalized slides
+        assert f"Running stage '{stage}'" in third
+
+    params["infer"]["smoothing_sigma"] = 10.0  # not read by the data stages
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = _run(["dvc", "repro"], path, env)
+    for stage in ("simulate", "normalize", "patches"):
+        assert f"Running stage '{stage}'" not in fourth
+    assert "Running stage 'evaluate'" in fourth
 
 
 def test_patches_push_to_a_remote_and_pull_byte_identical_into_a_fresh_clone(repo, tmp_path):

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from src.config import LossConfig
+from src.errors import InputError
+from src.losses import AbundanceLoss, soft_spearman, target_ranks, to_abundance_scale, transform_targets
+from src.metrics import competition_score, floor_score, per_type_spearman, skill, spot_spearman
+from src.smoothing import smooth, smooth_slide
+
+RNG = np.random.default_rng(0)
+
+
+def test_soft_spearman_approaches_scipy_as_regularization_vanishes():
+    pred = RNG.normal(size=(16, 35))
+    true = RNG.gamma(0.7, size=(16, 35))
+    true[:, :5] = 0  # ties, as real zero abundances give
+    exact = np.mean([spearmanr(p, t).statistic for p, t in zip(pred, true)])
+    ranks = torch.from_numpy(target_ranks(true))
+    gaps = [abs(float(soft_spearman(torch.from_numpy(pred), ranks, reg)) - exact) for reg in (10.0, 1.0, 0.01, 1e-4)]
+    assert gaps[-1] < 1e-4
+    assert gaps[0] > gaps[-1] and all(b <= a + 1e-9 for a, b in zip(gaps, gaps[1:]))
+
+
+def test_soft_spearman_is_per_spot_not_flattened():
+    # Two spots with opposite orderings: per spot each is perfectly ranked; flattening would mix them.
+    pred = torch.tensor([[1.0, 2.0, 3.0], [30.0, 20.0, 10.0]])
+    ranks = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    assert float(soft_spearman(pred, ranks, 1e-3)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_loss_has_no_nan_for_constant_rows_and_zero_targets():
+    loss_fn = AbundanceLoss(LossConfig(alpha=0.85, regularization=0.1, target_transform="log1p"))
+    pred = torch.zeros(4, 35, requires_grad=True)
+    targets = torch.zeros(4, 35)
+    ranks = torch.from_numpy(target_ranks(np.zeros((4, 35))))
+    loss = loss_fn(pred, targets, ranks)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+
+
+def test_alpha_blends_the_two_terms():
+    pred = torch.randn(8, 35)
+    true = np.abs(RNG.normal(size=(8, 35)))
+    targets, ranks = torch.from_numpy(np.log1p(true)).float(), torch.from_numpy(target_ranks(true))
+    values = [float(AbundanceLoss(LossConfig(a, 0.1, "log1p"))(pred, targets, ranks)) for a in (0.0, 0.5, 1.0)]
+    mse = float(torch.nn.functional.mse_loss(pred, targets))
+    assert values[0] == pytest.approx(mse, rel=1e-5)
+    assert values[1] == pytest.approx((values[0] + values[2]) / 2, rel=1e-5)
+    with pytest.raises(InputError, match="loss.alpha = 1.5"):
+        AbundanceLoss(LossConfig(1.5, 0.1, "log1p"))
+
+
+def test_target_transforms_keep_the_within_spot_order_and_never_log_zero():
+    abundance = np.array([[0.0, 2.0, 8.76, 0.5], [3.0, 0.0, 0.0, 1.0]])
+    outputs = {kind: transform_targets(abundance, kind) for kind in ("log1p", "rank", "raw")}
+    assert all(np.isfinite(v).all() for v in outputs.values())
+    np.testing.assert_allclose(outputs["log1p"], np.log1p(abundance))
+    np.testing.assert_allclose(outputs["rank"][1], [4, 1.5, 1.5, 3] / np.float64(4))
+    for kind, values in outputs.items():
+        assert competition_score(to_abundance_scale(values, kind), abundance) == pytest.approx(1.0)
+    assert not np.allclose(outputs["log1p"], outputs["raw"])
+    with pytest.raises(InputError, match="loss.target_transform = 'log'"):
+        transform_targets(abundance, "log")
+
+
+def test_competition_score_floor_and_skill():
+    true = RNG.gamma(0.7, size=(50, 35)) * np.linspace(3, 0.1, 35)
+    assert competition_score(true, true) == pytest.approx(1.0)
+    expected = np.mean([spearmanr(p, t).statistic for p, t in zip(true[::-1], true)])
+    assert competition_score(true[::-1], true) == pytest.approx(expected)
+    constant = np.ones_like(true)
+    assert (spot_spearman(constant, true) == 0).all()  # ranks nothing: counts as 0, never NaN
+    floor = floor_score(true, true)
+    assert 0.3 < floor < 1.0
+    assert skill(0.9, 0.7, 0.95) == pytest.approx(0.8)
+    per_type = per_type_spearman(true + RNG.normal(0, 0.01, true.shape), true)
+    assert per_type.shape == (35,) and (per_type > 0.9).all()
+
+
+def test_smoothing_matches_a_hand_computation_and_sigma_zero_is_identity():
+    xy = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 20.0], [500.0, 500.0]])
+    values = np.array([[1.0, 0.0], [3.0, 1.0], [5.0, 2.0], [7.0, 3.0]])
+    sigma = 10.0
+    out = smooth_slide(values, xy, sigma, truncate=3.0)
+    w = lambda d: np.exp(-(d**2) / (2 * sigma**2))  # noqa: E731
+    d12 = np.hypot(10, 20)
+    expected0 = (values[0] + w(10) * values[1] + w(20) * values[2]) / (1 + w(10) + w(20))
+    expected1 = (w(10) * values[0] + values[1] + w(d12) * values[2]) / (w(10) + 1 + w(d12))
+    np.testing.assert_allclose(out[0], expected0)
+    np.testing.assert_allclose(out[1], expected1)
+    np.testing.assert_allclose(out[3], values[3])  # no neighbour within 3 sigma: unchanged
+    np.testing.assert_array_equal(smooth_slide(values, xy, 0.0), values)
+    # A constant field stays constant at edges (normalized kernel; the seed's grid filter shrank it).
+    np.testing.assert_allclose(smooth_slide(np.ones((4, 2)), xy, 50.0), 1.0)
+
+
+def test_smoothing_never_mixes_slides():
+    xy = np.array([[0.0, 0.0], [5.0, 0.0]])
+    values = np.array([[0.0], [10.0]])
+    out = smooth(values, xy, np.array(["S_1", "S_2"]), sigma=25.0)
+    np.testing.assert_array_equal(out, values)

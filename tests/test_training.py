@@ -1,0 +1,199 @@
+"""Training, CV, inference, checkpoints, evaluation and prediction on the tiny slides."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from src import predict as predict_cli
+from src.checkpoint import load_checkpoint, save_checkpoint
+from src.data import build_transform, load_patch_set
+from src.errors import InputError
+from src.evaluate import evaluate
+from src.inference import predict, predict_abundance
+from src.train import cross_validate, cv_score, fit, warmup_cosine
+from tests.conftest import fast_params
+
+
+@pytest.fixture(scope="module")
+def train_set(tiny_patches):
+    return load_patch_set(tiny_patches / "patches", "train")
+
+
+@pytest.fixture(scope="module")
+def fitted(train_set):
+    params = fast_params()
+    rows = np.arange(len(train_set.spots))
+    return params, fit(params, train_set, rows[::2], rows[1::2], show_progress=False)
+
+
+def _all(train_set):
+    return np.arange(len(train_set.spots))
+
+
+def test_fit_reports_finite_loss_and_validation_score_per_epoch(fitted):
+    params, result = fitted
+    assert result.epochs_run == params.train.epochs
+    assert np.isfinite(result.train_loss).all() and len(result.val_scores) == params.train.epochs
+    assert -1 <= result.val_scores[0] <= 1
+
+
+def test_training_is_reproducible_on_cpu(train_set, fitted):
+    params, first = fitted
+    rows = _all(train_set)
+    again = fit(params, train_set, rows[::2], rows[1::2], show_progress=False)
+    a = predict(first.model, train_set, rows[:20], ["identity"])
+    b = predict(again.model, train_set, rows[:20], ["identity"])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_learning_rate_groups_reach_their_parameters(train_set):
+    rows = _all(train_set)
+    frozen_backbone = fit(fast_params("train.lr_backbone=0.0", "train.weight_decay=0.0"), train_set, rows,
+                          show_progress=False).model
+    reference = fit(fast_params(), train_set, rows, show_progress=False).model
+    trainable = [n for n, p in frozen_backbone.backbone.named_parameters() if p.requires_grad]
+    start = fit(fast_params("train.epochs=0"), train_set, rows, show_progress=False).model
+    for name in trainable:
+        assert torch.equal(frozen_backbone.backbone.get_parameter(name), start.backbone.get_parameter(name))
+    assert any(not torch.equal(reference.backbone.get_parameter(n), start.backbone.get_parameter(n)) for n in trainable)
+
+
+def test_gradient_clipping_changes_the_result(train_set):
+    rows = _all(train_set)
+    clipped = fit(fast_params("train.grad_clip=0.001"), train_set, rows, show_progress=False).model
+    free = fit(fast_params("train.grad_clip=0.0"), train_set, rows, show_progress=False).model
+    a = predict(clipped, train_set, rows[:10], ["identity"])
+    b = predict(free, train_set, rows[:10], ["identity"])
+    assert not np.allclose(a, b)
+
+
+def test_warmup_then_cosine_schedule():
+    factor = warmup_cosine(100, 0.1)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5, abs=0.02) and factor(99) < 0.01
+    assert warmup_cosine(100, 0.0)(0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("option", ["train.flips=true", "train.color_jitter=0.3", "train.resized_crop=0.5"])
+def test_each_augmentation_changes_the_training_input(train_set, option):
+    params = fast_params("train.flips=false", "train.color_jitter=0.0", "train.resized_crop=0.0", option)
+    model = fit(fast_params("train.epochs=0"), train_set, _all(train_set), show_progress=False).model
+    augmented = build_transform(model.preprocessing, 32, params.train)
+    plain = build_transform(model.preprocessing, 32, fast_params(
+        "train.flips=false", "train.color_jitter=0.0", "train.resized_crop=0.0").train)
+    image = torch.from_numpy(np.array(train_set.images[0])).permute(2, 0, 1)
+    torch.manual_seed(1)
+    outs = [augmented(image) for _ in range(8)]
+    assert any(not torch.allclose(o, plain(image)) for o in outs)
+    assert all(o.shape == (3, 32, 32) for o in outs)
+
+
+def test_tta_of_a_flip_invariant_model_is_the_identity(train_set, fitted):
+    _, result = fitted
+    model = result.model
+    rows = _all(train_set)[:16]
+    width = model.image_proj[0].in_features
+    model.forward_features = lambda images: images.mean(dim=(2, 3)).repeat(1, width // 3 + 1)[:, :width]
+    all_eight = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"]
+    np.testing.assert_allclose(predict(model, train_set, rows, all_eight), predict(model, train_set, rows, ["identity"]),
+                               rtol=1e-5, atol=1e-6)
+    del model.forward_features
+    assert not np.allclose(predict(model, train_set, rows, all_eight), predict(model, train_set, rows, ["identity"]))
+    with pytest.raises(InputError, match="unknown transform 'shear'"):
+        predict(model, train_set, rows, ["shear"])
+
+
+def test_checkpoint_round_trip_predicts_the_same(train_set, fitted, tmp_path):
+    params, result = fitted
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, result.model, targets=train_set.targets, target_transform="log1p",
+                    patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"})
+    model, meta = load_checkpoint(path)
+    assert meta["targets"] == train_set.targets and meta["infer"] == params.infer
+    rows = _all(train_set)[:12]
+    np.testing.assert_array_equal(predict(model, train_set, rows, ["identity", "vflip"]),
+                                  predict(result.model, train_set, rows, ["identity", "vflip"]))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a checkpoint of this project"):
+        load_checkpoint(broken)
+
+
+def test_cross_validation_gives_oof_for_every_spot_and_sigma_needs_no_retraining(train_set):
+    params = fast_params()
+    result = cross_validate(params, train_set, show_progress=False)
+    assert (result.fold_of >= 0).all() and len(result.fold_scores) == params.cv.n_folds
+    assert np.isfinite(result.oof).all() and np.isfinite(result.score)
+    assert 0 < result.floor < 1
+    unsmoothed = cv_score(result.oof, train_set, result.fold_of, 0.0, 3.0)[0]
+    smoothed = cv_score(result.oof, train_set, result.fold_of, 40.0, 3.0)[0]
+    assert unsmoothed != smoothed
+    loso = cross_validate(fast_params("cv.scheme=leave_one_slide_out"), train_set, show_progress=False)
+    assert sorted(np.unique(loso.fold_of)) == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_patches, fitted, train_set, tmp_path_factory):
+    params, result = fitted
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    stain = json.loads((tiny_patches / "normalized" / "stain.json").read_text())
+    save_checkpoint(path, result.model, targets=train_set.targets, target_transform="log1p",
+                    patch_size=train_set.patch_size, infer=params.infer, stain=stain)
+    return path
+
+
+def test_evaluate_writes_submission_metrics_and_pictures(tiny_patches, tiny_dataset, checkpoint, tmp_path):
+    out = tmp_path
+    metrics = evaluate(checkpoint, tiny_patches / "patches", tiny_dataset[1], {"cv_spearman": 0.5,
+                       "cv_floor_spearman": 0.4}, out / "submission.csv", out / "evaluate.json",
+                       out / "per_type.csv", out / "plots")
+    submission = pd.read_csv(out / "submission.csv")
+    test_spots = pd.read_csv(tiny_patches / "patches" / "test_spots.csv")
+    assert list(submission.columns) == ["ID"] + [f"C{i}" for i in range(1, 36)]
+    assert len(submission) == len(test_spots) and (submission.ID == np.arange(len(test_spots))).all()
+    assert np.isfinite(submission.iloc[:, 1:].to_numpy()).all()
+    saved = json.loads((out / "evaluate.json").read_text())
+    for key in ("cv_spearman", "floor_spearman", "test_spearman", "ceiling_spearman", "skill"):
+        assert np.isfinite(saved[key]), key
+    assert saved["floor_spearman"] < saved["ceiling_spearman"]
+    assert metrics["test_spearman"] == pytest.approx(saved["test_spearman"], abs=1e-6)
+    assert (out / "plots" / "spatial_map.png").stat().st_size > 1000
+    assert (out / "plots" / "per_type_spearman.png").stat().st_size > 1000
+    assert len(pd.read_csv(out / "per_type.csv")) == 35
+
+
+def test_smoothing_sigma_of_the_checkpoint_is_applied(tiny_patches, checkpoint):
+    import dataclasses
+
+    model, meta = load_checkpoint(checkpoint)
+    test_set = load_patch_set(tiny_patches / "patches", "test")
+    sharp = predict_abundance(model, dict(meta, infer=dataclasses.replace(meta["infer"], smoothing_sigma=0.0)), test_set)
+    smooth = predict_abundance(model, dict(meta, infer=dataclasses.replace(meta["infer"], smoothing_sigma=50.0)), test_set)
+    assert sharp.shape == smooth.shape and not np.allclose(sharp, smooth)
+    assert smooth.std(axis=0).mean() < sharp.std(axis=0).mean()
+
+
+def test_predict_cli_matches_evaluate_on_the_raw_file(tiny_dataset, tiny_patches, checkpoint, tmp_path):
+    out = tmp_path / "preds.csv"
+    predict_cli.main(["--model", str(checkpoint), "--h5", str(tiny_dataset[0]), "--out", str(out)])
+    frame = pd.read_csv(out)
+    assert list(frame.columns[:4]) == ["ID", "slide", "x", "y"] and frame.shape[1] == 39
+    model, meta = load_checkpoint(checkpoint)
+    expected = predict_abundance(model, meta, load_patch_set(tiny_patches / "patches", "test"))
+    np.testing.assert_allclose(frame.iloc[:, 4:].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_cli_bad_input_is_one_line_and_writes_nothing(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.h5"
+    bad.write_text("nope")
+    out = tmp_path / "preds.csv"
+    with pytest.raises(SystemExit) as info:
+        predict_cli.main(["--model", str(checkpoint), "--h5", str(bad), "--out", str(out)])
+    assert info.value.code == 2 and "not an HDF5 file" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        predict_cli.main(["--model", str(tmp_path / "none.pt"), "--h5", str(bad), "--out", str(out)])
+    assert "checkpoint not found" in capsys.readouterr().err
