@@ -105,6 +105,19 @@ class InferConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    trials: int  # the study's target of finished (complete + pruned) trials
+    study: str  # study name inside the storage
+    storage: str  # Optuna storage URL; "" = sqlite:///studies/studies.db
+    sampler_seed: int  # TPE seed
+    pruner: str  # median | hyperband | none (fed with the running CV score per epoch)
+    pruner_startup_trials: int  # trials finished before the median pruner may prune
+    timeout_s: float  # stop starting new trials after this many seconds; 0 = no limit
+    heartbeat_s: int  # RDB heartbeat interval; a trial silent for 2x this is failed and retried
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)  # "section.field" -> range or choices
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig
     simulate: SimulateConfig
@@ -115,6 +128,7 @@ class Params:
     train: TrainConfig
     cv: CVConfig
     infer: InferConfig
+    tune: TuneConfig
 
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:

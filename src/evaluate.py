@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from src.checkpoint import load_checkpoint
-from src.cv import write_csv, write_json
+from src.io_utils import write_csv, write_json
 from src.data import PatchSet, load_patch_set
 from src.errors import InputError, exit_on_input_error
 from src.inference import predict_abundance
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=Path("models/model.pt"))
     parser.add_argument("--patches", type=Path, default=Path("data/patches"))
-    parser.add_argument("--cv-metrics", type=Path, default=Path("metrics/cv.json"))
+    parser.add_argument("--tune-metrics", type=Path, default=Path("metrics/tune.json"),
+                        help="the study's metrics (best CV score and its floor)")
     parser.add_argument("--submission", type=Path, default=Path("outputs/submission.csv"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
     parser.add_argument("--per-type", type=Path, default=Path("metrics/per_type.csv"))
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (reads data.truth)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    cv = json.loads(args.cv_metrics.read_text()) if args.cv_metrics.is_file() else {}
+    tune = json.loads(args.tune_metrics.read_text()) if args.tune_metrics.is_file() else {}
+    cv = {"cv_spearman": tune.get("best_cv_spearman"), "cv_floor_spearman": tune.get("floor_spearman")}
     truth = Path(params.data.truth) if params.data.truth else None
     m = evaluate(args.model, args.patches, truth, cv, args.submission, args.metrics, args.per_type, args.plots)
     print("  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from src.checkpoint import load_checkpoint
-from src.cv import write_csv
+from src.io_utils import write_csv
 from src.data import PatchSet
 from src.errors import InputError, exit_on_input_error
 from src.inference import predict_abundance

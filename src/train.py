@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader
 
 from src.checkpoint import save_checkpoint
-from src.config import Params, load_params
+from src.config import Params, apply_overrides, load_params, read_raw
 from src.data import PatchSet, SpotDataset, build_transform, load_patch_set
 from src.errors import exit_on_input_error
 from src.inference import autocast, default_device, predict
@@ -191,11 +191,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stain", type=Path, default=Path("data/normalized/stain.json"),
                         help="fitted stain reference (stored in the checkpoint for predict)")
     parser.add_argument("--out", type=Path, default=Path("models/model.pt"), help="checkpoint to write")
+    parser.add_argument("--best", type=Path, default=None,
+                        help="best_params.yaml of a study: retrain its best trial (else params.yaml as is)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one param, e.g. train.epochs=2 (repeatable)")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
+    if args.best is not None:
+        from src.tune import params_for_best
+
+        params = params_for_best(args.best, apply_overrides(read_raw(args.params), args.set))
     result = train_final(params, args.patches, args.stain, args.out)
     print(f"wrote {args.out} after {result.epochs_run} epochs (final loss {result.train_loss[-1]:.4f})")
 

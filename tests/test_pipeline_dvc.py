@@ -22,8 +22,9 @@ SMALL = {
     "train": {"epochs": 1, "batch_size": 16},
     "cv": {"n_folds": 2},
     "infer": {"tta": ["identity", "hflip"]},
+    "tune": {"trials": 2},
 }
-STAGES = ("simulate", "normalize", "patches", "cv", "train", "evaluate")
+STAGES = ("simulate", "normalize", "patches", "tune", "train", "evaluate")
 
 
 def _run(args, cwd, env):
@@ -77,12 +78,13 @@ def test_repro_then_noop_then_only_changed_stages(repo):
     for stage in STAGES[1:]:  # everything downstream of the normalized slides
         assert f"Running stage '{stage}'" in third
 
-    params["infer"]["smoothing_sigma"] = 10.0  # not read by the data stages
+    params["train"]["epochs"] = 2  # not read by the data stages
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     fourth = _run(["dvc", "repro"], path, env)
     for stage in ("simulate", "normalize", "patches"):
         assert f"Running stage '{stage}'" not in fourth
-    assert "Running stage 'evaluate'" in fourth
+    for stage in ("tune", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in fourth
 
 
 def test_patches_push_to_a_remote_and_pull_byte_identical_into_a_fresh_clone(repo, tmp_path):

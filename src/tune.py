@@ -1,0 +1,305 @@
+"""Stage ``tune``: an Optuna study over the recipe, scored by region-blocked spatial-CV Spearman.
+
+``python -m src.tune --trials N [--study NAME] [--storage URL] [--timeout S] [--set key=value ...]``
+
+The search space is ``tune.space`` in params.yaml; ``src.space.suggest`` turns a trial into a full
+config. The hand-set params.yaml recipe is the first trial, so the search never starts worse than it.
+Each trial reports its running CV score per epoch to the pruner, records fold scores, per-type scores,
+epochs, wall time and the floor, and uploads a per-type bar chart and its OOF table as artifacts.
+``--trials`` is the study's target of finished (complete + pruned) trials: rerunning after an
+interruption runs only the missing ones. The stored study name is ``NAME-<recipe hash>``: changing any
+param other than tune.trials/study/storage/timeout_s/heartbeat_s starts a fresh study. Writes ``studies/best_params.yaml`` and ``metrics/tune.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import yaml
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.trial import TrialState
+
+from src.config import Params, apply_overrides, params_from_dict, read_raw
+from src.data import PatchSet, load_patch_set
+from src.errors import InputError, exit_on_input_error
+from src.io_utils import atomic_path
+from src.losses import to_abundance_scale
+from src.report import per_type_bars
+from src.space import SearchParam, defaults, parse_space, suggest
+from src.train import cross_validate
+
+STUDIES_DIR = Path("studies")
+DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR}/studies.db"
+ARTIFACT_DIR = STUDIES_DIR / "artifacts"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Keys that do not change what a trial computes: a study may continue when only these differ.
+RUN_ONLY_KEYS = {"trials", "study", "storage", "timeout_s", "heartbeat_s"}
+# Failures that mark a trial FAIL and let the study go on (divergence, out of memory, ...).
+TRIAL_ERRORS = (RuntimeError, ValueError, ArithmeticError, MemoryError)
+
+
+def create_storage(url: str, heartbeat_s: int) -> optuna.storages.BaseStorage:
+    """Optuna storage for a URL: SQLAlchemy URLs (SQLite, PostgreSQL, ...) get a heartbeat that fails
+    and retries trials of killed workers; ``journal:PATH`` is a lock-file journal (no heartbeat)."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:").removeprefix("//"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        db = url.removeprefix("sqlite:///")
+        if db and db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        # A reader (optuna-dashboard) holding the lock must not crash the writer.
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
+        except Exception as err:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
+            raise InputError(f"--storage {url}: cannot open ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0]})") from None
+
+
+def recipe_fingerprint(base_raw: dict) -> dict:
+    """What a study's trials depend on: every param except the run-only tune keys."""
+    recipe = {k: v for k, v in base_raw.items() if k != "tune"}
+    recipe["tune"] = {k: v for k, v in base_raw["tune"].items() if k not in RUN_ONLY_KEYS}
+    return json.loads(json.dumps(recipe, sort_keys=True, default=str))
+
+
+def study_name_for(name: str, base_raw: dict) -> str:
+    """``name`` plus a short hash of the recipe: a changed recipe (data, stain, model, space, ...)
+    starts a fresh study instead of mixing incomparable trials; the same recipe resumes."""
+    digest = hashlib.sha1(json.dumps(recipe_fingerprint(base_raw), sort_keys=True).encode()).hexdigest()
+    return f"{name}-{digest[:8]}"
+
+
+def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    if params.tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=params.tune.pruner_startup_trials,
+                                           n_warmup_steps=1)
+    if params.tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=params.train.epochs * 3)
+    if params.tune.pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise InputError(f"params: tune.pruner = {params.tune.pruner!r}: choose median, hyperband or none")
+
+
+def enqueue_defaults(study: optuna.Study, values: dict[str, Any]) -> None:
+    """Make the hand-set recipe a trial unless one with it is already finished, running or queued."""
+    alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    if not any(t.params == values or t.system_attrs.get("fixed_params") == values
+               for t in study.get_trials(deepcopy=False, states=alive)):
+        study.enqueue_trial(values, user_attrs={"hand_set": True})
+
+
+class Objective:
+    """CV Spearman of one suggested recipe (smoothed OOF predictions)."""
+
+    def __init__(self, base_raw: dict, space: list[SearchParam], patch_set: PatchSet,
+                 artifact_dir: Path = ARTIFACT_DIR, show_progress: bool = False):
+        self.base_raw = base_raw
+        self.space = space
+        self.patch_set = patch_set
+        self.store = FileSystemArtifactStore(str(artifact_dir))
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        self.show_progress = show_progress
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.space, self.base_raw)
+        start = time.perf_counter()
+        epochs_run = 0
+
+        def report(fold: int, epoch: int, score: float) -> None:
+            nonlocal epochs_run
+            epochs_run += 1
+            trial.set_user_attr("epochs_run", epochs_run)
+            trial.report(score, step=fold * params.train.epochs + epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"fold {fold} epoch {epoch + 1}: running CV spearman {score:.4f}")
+
+        result = cross_validate(params, self.patch_set, on_epoch=report, show_progress=self.show_progress)
+        if not np.isfinite(result.score):
+            raise FloatingPointError("CV spearman is not finite (training diverged)")
+        trial.set_user_attr("fold_spearman", [round(s, 6) for s in result.fold_scores])
+        trial.set_user_attr("per_type_spearman", dict(zip(self.patch_set.targets,
+                                                          np.round(np.nan_to_num(result.per_type), 4).tolist())))
+        trial.set_user_attr("floor_spearman", round(result.floor, 6))
+        trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
+        self._upload(trial, params, result)
+        return result.score
+
+    def _upload(self, trial: optuna.Trial, params: Params, result) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            bars = Path(tmp) / f"trial{trial.number}_per_type.png"
+            per_type_bars(bars, self.patch_set.targets, result.per_type, "out-of-fold")
+            oof = Path(tmp) / f"trial{trial.number}_oof.csv"
+            values = to_abundance_scale(result.oof, params.loss.target_transform)
+            table = self.patch_set.spots[["slide", "spot", "x", "y"]].assign(fold=result.fold_of)
+            pd.concat([table, pd.DataFrame(values, columns=self.patch_set.targets)], axis=1).to_csv(oof, index=False)
+            for path in (bars, oof):
+                upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
+
+
+def finished_counts(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    return {state.name.lower(): sum(t.state == state for t in trials)
+            for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+
+
+def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: str, storage_url: str,
+              timeout_s: float = 0.0, artifact_dir: Path = ARTIFACT_DIR, live: bool = True) -> optuna.Study:
+    """Create or resume the study and run trials until it holds ``n_trials`` finished ones."""
+    params = params_from_dict(base_raw)
+    space = parse_space(params.tune.space)
+    if not space:
+        raise InputError("params: tune.space is empty: nothing to search")
+    hand_set = defaults(space, base_raw)
+    storage = create_storage(storage_url, params.tune.heartbeat_s)
+    study = optuna.create_study(study_name=study_name_for(study_name, base_raw), storage=storage, direction="maximize",
+                                load_if_exists=True, pruner=make_pruner(params),
+                                sampler=optuna.samplers.TPESampler(seed=params.tune.sampler_seed))
+    study.set_user_attr("recipe", recipe_fingerprint(base_raw))
+    enqueue_defaults(study, hand_set)
+    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    remaining = n_trials - done
+    if remaining <= 0:
+        return study
+    objective = Objective(base_raw, space, patch_set, artifact_dir)
+    stop_at_target = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from src.tune_display import StudyMonitor
+
+    with StudyMonitor(n_trials) as monitor:
+        monitor.show(study)
+        callbacks = [stop_at_target] + ([monitor] if live else [])
+        study.optimize(objective, n_trials=remaining, timeout=timeout_s or None, catch=TRIAL_ERRORS,
+                       callbacks=callbacks, gc_after_trial=True)
+        monitor.show(study)
+    return study
+
+
+def best_params_record(study: optuna.Study) -> dict:
+    best = study.best_trial
+    return {"study": study.study_name, "trial": best.number, "cv_spearman": round(best.value, 6),
+            "params": dict(best.params)}
+
+
+def tune_metrics(study: optuna.Study) -> dict:
+    counts = finished_counts(study)
+    best = study.best_trial
+    return {"best_cv_spearman": round(best.value, 6), "n_complete": counts["complete"],
+            "n_pruned": counts["pruned"], "n_failed": counts["fail"],
+            "floor_spearman": best.user_attrs.get("floor_spearman")}
+
+
+def params_for_best(best_file: Path, base_raw: dict) -> Params:
+    """Rebuild the best trial's full config with the same ``suggest`` the search used."""
+    if not best_file.is_file():
+        raise InputError(f"{best_file}: not found (run `python -m src.tune` or `dvc repro tune` first)")
+    record = yaml.safe_load(best_file.read_text())
+    if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
+        raise InputError(f"{best_file}: expected a mapping with 'params'")
+    space = parse_space(base_raw["tune"]["space"])
+    missing = sorted({p.name for p in space} - set(record["params"]))
+    if missing:
+        raise InputError(f"{best_file}: no value for searched param {missing[0]} (space changed? rerun tune)")
+    return suggest(optuna.trial.FixedTrial(record["params"]), space, base_raw)
+
+
+def print_summary(study: optuna.Study, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    counts = finished_counts(study)
+    if counts["complete"] == 0:
+        console.print(f"study {study.study_name}: no complete trial ({counts})")
+        return
+    best = study.best_trial
+    table = Table(title=f"best trial #{best.number}: cv spearman {best.value:.4f} "
+                        f"(floor {best.user_attrs.get('floor_spearman', float('nan')):.4f})",
+                  title_justify="left")
+    table.add_column("param")
+    table.add_column("value", justify="right")
+    table.add_column("importance", justify="right")
+    try:
+        importances = optuna.importance.get_param_importances(study) if counts["complete"] >= 2 else {}
+    except (RuntimeError, ValueError):  # too few distinct trials for an importance estimate
+        importances = {}
+    for name, value in best.params.items():
+        imp = importances.get(name)
+        table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value),
+                      f"{imp:.3f}" if imp is not None else "-")
+    console.print(table)
+    console.print(f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed")
+
+
+def write_outputs(study: optuna.Study, best_out: Path, metrics_out: Path) -> None:
+    with atomic_path(best_out) as tmp:
+        tmp.write_text(yaml.safe_dump(best_params_record(study), sort_keys=False))
+    with atomic_path(metrics_out) as tmp:
+        tmp.write_text(json.dumps(tune_metrics(study), indent=2) + "\n")
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.tune", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        epilog="Resume: rerun the same command; finished trials are kept, interrupted ones rerun.")
+    parser.add_argument("--trials", type=int, default=None,
+                        help="target number of finished (complete + pruned) trials in the study; "
+                             "default: tune.trials")
+    parser.add_argument("--study", default=None, help="study name (default: tune.study)")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL: sqlite:///..., postgresql://user@host/db, journal:PATH "
+                             f"(default: tune.storage, else {DEFAULT_STORAGE})")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds after which no new trial starts (default: tune.timeout_s; 0 = none)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one param for this study, e.g. train.epochs=2 (repeatable)")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store")
+    parser.add_argument("--best-out", type=Path, default=STUDIES_DIR / "best_params.yaml")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/tune.json"))
+    args = parser.parse_args(argv)
+
+    base_raw = apply_overrides(read_raw(args.params), args.set)
+    params = params_from_dict(base_raw)
+    n_trials = params.tune.trials if args.trials is None else args.trials
+    if n_trials < 1:
+        raise InputError(f"--trials {n_trials}: must be at least 1")
+    study_name = args.study or params.tune.study
+    storage = args.storage or params.tune.storage or DEFAULT_STORAGE
+    timeout = params.tune.timeout_s if args.timeout is None else args.timeout
+    patch_set = load_patch_set(args.patches, "train")
+    try:
+        study = run_study(base_raw, patch_set, n_trials, study_name, storage, timeout)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are kept in the study; rerun the same command to resume")
+        raise SystemExit(130) from None
+    print_summary(study)
+    if finished_counts(study)["complete"] == 0:
+        raise InputError(f"study {study_name!r}: no trial completed, so there is no best recipe")
+    write_outputs(study, args.best_out, args.metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Live view of a running study: a table of recent trials and a progress bar (rich)."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def trial_table(trials: list, rows: int = 12) -> Table:
+    table = Table(title="trials (latest first)", title_justify="left", expand=False)
+    for column in ("#", "state", "cv spearman", "best so far", "params"):
+        table.add_column(column, justify="right" if column != "params" else "left")
+    best = None
+    best_by_number = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state.name == "COMPLETE" and t.value is not None and (best is None or t.value > best):
+            best = t.value
+        best_by_number[t.number] = best
+    for t in sorted(trials, key=lambda t: t.number, reverse=True)[:rows]:
+        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in t.params.items())
+        value = f"{t.value:.4f}" if t.value is not None else "-"
+        best_text = f"{best_by_number[t.number]:.4f}" if best_by_number[t.number] is not None else "-"
+        table.add_row(str(t.number), t.state.name.lower(), value, best_text, params)
+    return table
+
+
+class StudyMonitor:
+    """Optuna callback that redraws the table and the finished/target bar after each trial."""
+
+    def __init__(self, target: int, console: Console | None = None):
+        self.console = console or Console()
+        self.progress = Progress(TextColumn("finished trials"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        self.task = self.progress.add_task("trials", total=target)
+        self.live = Live(console=self.console, refresh_per_second=2, transient=False)
+        self.last_table = Table()
+
+    def _render(self, trials: list) -> Group:
+        done = sum(t.state.name in FINISHED for t in trials)
+        self.progress.update(self.task, completed=done)
+        self.last_table = trial_table(trials)
+        return Group(self.last_table, self.progress)
+
+    def __enter__(self) -> "StudyMonitor":
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.__exit__(*exc)
+
+    def show(self, study) -> None:
+        self.live.update(self._render(study.get_trials(deepcopy=False)))
+
+    def __call__(self, study, trial) -> None:
+        self.show(study)
