@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 TORCHSORT := torchsort==0.1.10
 
-.PHONY: setup repro test test-fast bench dashboard clean
+.PHONY: setup browser repro test test-fast bench dashboard clean
 
 setup: $(VENV)/.project-installed
 
@@ -41,7 +41,15 @@ $(VENV)/.project-installed: pyproject.toml $(VENV)/.torchsort-installed
 repro: setup
 	$(BIN)/dvc repro
 
-test: setup
+# The dashboard's browser check needs Chromium (Debian package); installed where apt-get can run.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium for the dashboard browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "chromium not found and not installable here: the browser test will be skipped"; fi
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 test-fast: setup
@@ -49,6 +57,11 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m src.bench stain
+
+# Review studies (trials, params, artifacts) at http://127.0.0.1:8080
+dashboard: setup
+	$(BIN)/optuna-dashboard sqlite:///studies/studies.db --artifact-dir studies/artifacts \
+	  --host 127.0.0.1 --port 8080
 
 clean:
 	rm -rf data models outputs metrics plots .pytest_cache

@@ -114,7 +114,7 @@ class TuneConfig:
     pruner_startup_trials: int  # trials finished before the median pruner may prune
     timeout_s: float  # stop starting new trials after this many seconds; 0 = no limit
     heartbeat_s: int  # RDB heartbeat interval; a trial silent for 2x this is failed and retried
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)  # "section.field" -> range or choices
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> field -> range or choices
 
 
 @dataclass(frozen=True)

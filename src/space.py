@@ -1,7 +1,9 @@
 """The declarative search space (``tune.space`` in params.yaml) and ``suggest(trial) -> Params``.
 
-Each key names a real config field, ``section.field``; its spec is a numeric range
-``{low, high[, log][, step]}`` (int or float, following the field's type) or ``{choices: [...]}``.
+The space is nested like params.yaml, ``{section: {field: spec}}`` (so ``dvc exp run -S
+tune.space.loss.alpha.high=0.9`` works); each entry names a real config field and its spec is a
+numeric range ``{low, high[, log][, step]}`` (int or float, following the field's type) or
+``{choices: [...]}``. Trial params are named ``section.field``.
 ``suggest`` is the one function that turns a trial into a config: the search uses it with live
 trials and the retrain of the best trial with a fixed one, so both build the exact same recipe.
 """
@@ -45,10 +47,7 @@ class SearchParam:
 
 
 def _field_type(name: str) -> Any:
-    parts = name.split(".")
-    if len(parts) != 2:
-        raise InputError(f"params: tune.space.{name}: expected section.field, e.g. loss.alpha")
-    section, field_name = parts
+    section, field_name = name.split(".", 1)
     sections = typing.get_type_hints(Params)
     if section not in sections:
         raise InputError(f"params: tune.space.{name}: unknown section {section!r}")
@@ -61,10 +60,19 @@ def _field_type(name: str) -> Any:
     return fields[field_name]
 
 
+def _entries(raw_space: dict) -> list[tuple[str, Any]]:
+    entries = []
+    for section, fields in raw_space.items():
+        if not isinstance(fields, dict):
+            raise InputError(f"params: tune.space.{section}: expected field: spec entries, got {fields!r}")
+        entries += [(f"{section}.{field_name}", spec) for field_name, spec in fields.items()]
+    return entries
+
+
 def parse_space(raw_space: dict[str, dict]) -> list[SearchParam]:
     """Validate ``tune.space`` against the config dataclasses; unknown keys and bad specs raise."""
     out = []
-    for name, spec in raw_space.items():
+    for name, spec in _entries(raw_space):
         where = f"params: tune.space.{name}"
         field_type = _field_type(name)
         if not isinstance(spec, dict):

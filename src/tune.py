@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import signal
 import tempfile
 import time
 import warnings
@@ -45,6 +46,28 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN_ONLY_KEYS = {"trials", "study", "storage", "timeout_s", "heartbeat_s"}
 # Failures that mark a trial FAIL and let the study go on (divergence, out of memory, ...).
 TRIAL_ERRORS = (RuntimeError, ValueError, ArithmeticError, MemoryError)
+
+
+class InterruptFlag:
+    """Ctrl-C that cannot be lost. Python may raise the KeyboardInterrupt inside a finalizer, where
+    it is swallowed; the flag survives and is re-raised at the next epoch or trial boundary."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def check(self, *_args) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+INTERRUPT = InterruptFlag()
 
 
 def create_storage(url: str, heartbeat_s: int) -> optuna.storages.BaseStorage:
@@ -128,15 +151,20 @@ class Objective:
 
         def report(fold: int, epoch: int, score: float) -> None:
             nonlocal epochs_run
+            INTERRUPT.check()
             epochs_run += 1
             trial.set_user_attr("epochs_run", epochs_run)
             trial.report(score, step=fold * params.train.epochs + epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"fold {fold} epoch {epoch + 1}: running CV spearman {score:.4f}")
 
-        result = cross_validate(params, self.patch_set, on_epoch=report, show_progress=self.show_progress)
-        if not np.isfinite(result.score):
-            raise FloatingPointError("CV spearman is not finite (training diverged)")
+        try:
+            result = cross_validate(params, self.patch_set, on_epoch=report, show_progress=self.show_progress)
+            if not np.isfinite(result.score):
+                raise FloatingPointError("CV spearman is not finite (training diverged)")
+        except TRIAL_ERRORS as err:  # recorded on the trial; Optuna marks it FAIL and goes on
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:500])
+            raise
         trial.set_user_attr("fold_spearman", [round(s, 6) for s in result.fold_scores])
         trial.set_user_attr("per_type_spearman", dict(zip(self.patch_set.targets,
                                                           np.round(np.nan_to_num(result.per_type), 4).tolist())))
@@ -155,6 +183,19 @@ class Objective:
             pd.concat([table, pd.DataFrame(values, columns=self.patch_set.targets)], axis=1).to_csv(oof, index=False)
             for path in (bars, oof):
                 upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
+
+
+class StopOnRepeatedFailure:
+    """Stop the study after ``limit`` failed trials in a row (a recipe that can never run)."""
+
+    def __init__(self, limit: int = 5):
+        self.limit = limit
+        self.in_a_row = 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.in_a_row = self.in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        if self.in_a_row >= self.limit:
+            study.stop()
 
 
 def finished_counts(study: optuna.Study) -> dict[str, int]:
@@ -177,19 +218,19 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
                                 sampler=optuna.samplers.TPESampler(seed=params.tune.sampler_seed))
     study.set_user_attr("recipe", recipe_fingerprint(base_raw))
     enqueue_defaults(study, hand_set)
-    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
-    remaining = n_trials - done
-    if remaining <= 0:
+    if sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) >= n_trials:
         return study
     objective = Objective(base_raw, space, patch_set, artifact_dir)
+    # Failed trials do not count towards the target: run until the study holds n_trials finished
+    # ones (other workers' trials included), unless trials keep failing or the timeout passes.
     stop_at_target = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from src.tune_display import StudyMonitor
 
     with StudyMonitor(n_trials) as monitor:
         monitor.show(study)
-        callbacks = [stop_at_target] + ([monitor] if live else [])
-        study.optimize(objective, n_trials=remaining, timeout=timeout_s or None, catch=TRIAL_ERRORS,
+        callbacks = [INTERRUPT.check, stop_at_target, StopOnRepeatedFailure()] + ([monitor] if live else [])
+        study.optimize(objective, n_trials=None, timeout=timeout_s or None, catch=TRIAL_ERRORS,
                        callbacks=callbacks, gc_after_trial=True)
         monitor.show(study)
     return study
@@ -279,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store")
     parser.add_argument("--best-out", type=Path, default=STUDIES_DIR / "best_params.yaml")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/tune.json"))
+    parser.add_argument("--artifacts", type=Path, default=ARTIFACT_DIR,
+                        help="artifact store folder (trial pictures and OOF tables)")
     args = parser.parse_args(argv)
 
     base_raw = apply_overrides(read_raw(args.params), args.set)
@@ -290,8 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     storage = args.storage or params.tune.storage or DEFAULT_STORAGE
     timeout = params.tune.timeout_s if args.timeout is None else args.timeout
     patch_set = load_patch_set(args.patches, "train")
+    INTERRUPT.install()
     try:
-        study = run_study(base_raw, patch_set, n_trials, study_name, storage, timeout)
+        study = run_study(base_raw, patch_set, n_trials, study_name, storage, timeout, args.artifacts)
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are kept in the study; rerun the same command to resume")
         raise SystemExit(130) from None

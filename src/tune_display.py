@@ -29,7 +29,7 @@ def trial_table(trials: list, rows: int = 12) -> Table:
         best_by_number[t.number] = best
     for t in sorted(trials, key=lambda t: t.number, reverse=True)[:rows]:
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in t.params.items())
-        value = f"{t.value:.4f}" if t.value is not None else "-"
+        value = f"{t.value:.4f}" if t.state.name == "COMPLETE" and t.value is not None else "-"
         best_text = f"{best_by_number[t.number]:.4f}" if best_by_number[t.number] is not None else "-"
         table.add_row(str(t.number), t.state.name.lower(), value, best_text, params)
     return table

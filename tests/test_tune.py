@@ -1,0 +1,201 @@
+"""The Optuna study: space parsing, suggest, enqueue, pruning, failures, resume, dashboard."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from optuna.trial import FixedTrial, TrialState
+
+from src import tune
+from src.config import apply_overrides, read_raw
+from src.data import load_patch_set
+from src.errors import InputError
+from src.space import defaults, parse_space, suggest
+from src.train import cross_validate
+from tests.conftest import FAST, ROOT
+
+
+def base_raw(*overrides):
+    return apply_overrides(read_raw(ROOT / "params.yaml"), [*FAST, *overrides])
+
+
+@pytest.fixture(scope="module")
+def train_set(tiny_patches):
+    return load_patch_set(tiny_patches / "patches", "train")
+
+
+@pytest.mark.parametrize("key, spec, message", [
+    ("loss.alfa", {"low": 0, "high": 1}, "tune.space.loss.alfa: unknown field"),
+    ("optim.lr", {"low": 0, "high": 1}, "unknown section 'optim'"),
+    ("stain.method", {"choices": ["macenko"]}, "stain.* cannot be searched"),
+    ("loss.alpha", {"low": 1, "high": 0}, "low <= high"),
+    ("loss.alpha", {"low": 0}, "a range needs low and high"),
+    ("loss.alpha", {"low": 0, "high": 1, "scale": 2}, "a range needs low and high"),
+    ("train.lr_head", {"low": 0, "high": 1, "log": True}, "log ranges need low > 0"),
+    ("model.unfrozen_blocks", {"low": 0.5, "high": 3}, "integer field"),
+    ("model.fusion", {"low": 0, "high": 1}, "a str field needs {choices"),
+    ("model.fusion", {"choices": [1, 2]}, "choice 1 is not a valid str"),
+    ("model.fusion", {"choices": []}, "non-empty list"),
+    ("infer.tta", {"choices": ["identity"]}, "not a valid"),
+])
+def test_space_errors_name_the_key(key, spec, message):
+    section, field = key.split(".")
+    with pytest.raises(InputError, match=message.replace("*", r"\*").replace("{", r"\{")):
+        parse_space({section: {field: spec}})
+    with pytest.raises(InputError, match="tune.space.loss: expected field: spec entries"):
+        parse_space({"loss": 0.5})
+
+
+def test_hand_set_value_outside_the_space_is_an_error():
+    raw = base_raw()
+    space = parse_space({"loss": {"alpha": {"low": 0.0, "high": 0.5}}})
+    with pytest.raises(InputError, match="loss.alpha = 0.85 lies outside tune.space.loss.alpha"):
+        defaults(space, raw)
+
+
+def test_suggest_builds_typed_configs_and_fixed_trial_rebuilds_them():
+    raw = base_raw()
+    space = parse_space(raw["tune"]["space"])
+    values = {"loss.alpha": 0.3, "model.unfrozen_blocks": 3, "train.lr_head": 0.002, "train.lr_backbone": 1e-4,
+              "model.fusion": "film", "infer.smoothing_sigma": 12.5, "train.weight_decay": 1e-3,
+              "model.dropout": 0.1, "loss.target_transform": "rank"}
+    params = suggest(FixedTrial(values), space, raw)
+    assert params.loss.alpha == 0.3 and params.model.unfrozen_blocks == 3 and params.model.fusion == "film"
+    assert params.infer.smoothing_sigma == 12.5 and params.loss.target_transform == "rank"
+    assert params.model.backbone == "resnet10t"  # unsearched values come from params.yaml
+
+
+def test_every_searched_param_changes_what_is_trained_or_scored(train_set):
+    raw = base_raw()
+    space = parse_space(raw["tune"]["space"])
+    hand_set = defaults(space, raw)
+    for p in space:
+        a, b = (p.choices[0], p.choices[1]) if p.kind == "categorical" else (p.low, p.high)
+        results = [cross_validate(suggest(FixedTrial({**hand_set, p.name: v}), space, raw), train_set,
+                                  show_progress=False) for v in (a, b)]
+        assert (results[0].score != results[1].score or not np.allclose(results[0].oof, results[1].oof)), p.name
+
+
+def _study(tmp_path, raw, n_trials, train_set, **kwargs):
+    return tune.run_study(raw, train_set, n_trials, "t", f"sqlite:///{tmp_path}/s.db",
+                          artifact_dir=tmp_path / "artifacts", live=False, **kwargs)
+
+
+def test_hand_set_recipe_is_the_first_trial_and_artifacts_are_uploaded(tmp_path, train_set):
+    raw = base_raw()
+    study = _study(tmp_path, raw, 2, train_set)
+    first = study.trials[0]
+    assert first.params == defaults(parse_space(raw["tune"]["space"]), raw)
+    assert first.user_attrs["hand_set"] is True
+    for key in ("fold_spearman", "per_type_spearman", "floor_spearman", "seconds", "epochs_run"):
+        assert key in first.user_attrs, key
+    assert len(first.user_attrs["fold_spearman"]) == 2
+    assert len(list((tmp_path / "artifacts").iterdir())) == 4  # a picture and an OOF table per trial
+    again = _study(tmp_path, raw, 2, train_set)  # target reached: nothing more runs
+    assert len(again.trials) == 2
+
+
+def test_pruning_prunes_a_hopeless_trial(tmp_path, train_set):
+    raw = base_raw("train.epochs=2", "tune.pruner_startup_trials=1")
+    storage = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name=tune.study_name_for("t", raw), storage=storage, direction="maximize")
+    space = parse_space(raw["tune"]["space"])
+    hand_set = defaults(space, raw)
+    tune.enqueue_defaults(study, hand_set)
+    # Nothing learns: weights stay at their random start, far below the first trial's running score.
+    study.enqueue_trial({**hand_set, "train.lr_head": 1e-4, "train.lr_backbone": 1e-5, "model.fusion": "gated",
+                         "loss.target_transform": "raw", "loss.alpha": 0.0})
+    result = tune.run_study(raw, train_set, 2, "t", storage, artifact_dir=tmp_path / "a", live=False)
+    states = [t.state for t in result.trials]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED], [(t.state, t.intermediate_values) for t in result.trials]
+    assert result.trials[1].user_attrs["epochs_run"] < 2 * 2
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, train_set, monkeypatch):
+    real = tune.cross_validate
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "cross_validate", flaky)
+    study = _study(tmp_path, base_raw("tune.pruner=none"), 3, train_set)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3
+    failed = next(t for t in study.trials if t.state == TrialState.FAIL)
+    assert "out of memory" in failed.user_attrs.get("fail_reason", "")
+
+
+def test_changed_recipe_starts_a_new_study_same_recipe_resumes():
+    a = tune.study_name_for("s", base_raw())
+    assert a == tune.study_name_for("s", base_raw("tune.trials=40", "tune.timeout_s=5"))
+    assert a != tune.study_name_for("s", base_raw("stain.method=macenko"))
+    assert a != tune.study_name_for("s", base_raw("tune.space.loss.alpha.high=0.9"))
+    assert a != tune.study_name_for("s", base_raw("tune.sampler_seed=5"))
+
+
+def test_best_params_rebuild_the_best_config(tmp_path):
+    raw = base_raw()
+    best = tmp_path / "best.yaml"
+    values = defaults(parse_space(raw["tune"]["space"]), raw) | {"model.fusion": "concat", "loss.alpha": 0.2}
+    best.write_text(yaml.safe_dump({"study": "t", "trial": 3, "cv_spearman": 0.8, "params": values}))
+    params = tune.params_for_best(best, raw)
+    assert params.model.fusion == "concat" and params.loss.alpha == 0.2
+    best.write_text(yaml.safe_dump({"params": {"loss.alpha": 0.2}}))
+    with pytest.raises(InputError, match="no value for searched param"):
+        tune.params_for_best(best, raw)
+
+
+def _tune_cmd(tiny_patches, tmp_path, trials):
+    return [sys.executable, "-m", "src.tune", "--trials", str(trials), "--study", "cli",
+            "--storage", f"sqlite:///{tmp_path}/cli.db", "--patches", str(tiny_patches / "patches"),
+            "--params", str(ROOT / "params.yaml"), "--best-out", str(tmp_path / "best.yaml"),
+            "--metrics", str(tmp_path / "tune.json"), "--artifacts", str(tmp_path / "artifacts"),
+            *[a for item in [*FAST, "train.epochs=3", "tune.pruner=none"] for a in ("--set", item)]]
+
+
+@pytest.mark.slow
+def test_sigint_mid_trial_then_rerun_ends_with_exactly_the_target(tiny_patches, tmp_path):
+    cmd = _tune_cmd(tiny_patches, tmp_path, 4)
+    storage = f"sqlite:///{tmp_path}/cli.db"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    completed_before = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+        except Exception:  # not created yet, or the writer holds the lock: poll again
+            continue
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.COMPLETE for t in trials) and any(t.state == TrialState.RUNNING for t in trials):
+            completed_before = [(t.number, t.value) for t in trials if t.state == TrialState.COMPLETE]
+            time.sleep(1.0)  # inside the next trial's training
+            proc.send_signal(signal.SIGINT)
+            break
+    output = proc.communicate(timeout=120)[0]
+    assert completed_before, output
+    assert proc.returncode == 130, output
+    assert "rerun the same command to resume" in output
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    assert not any(t.state == TrialState.RUNNING for t in study.trials)
+    assert not (tmp_path / "best.yaml").exists()
+
+    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    study = optuna.load_study(study_name=study.study_name, storage=storage)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4
+    assert not any(t.state == TrialState.RUNNING for t in study.trials)
+    after = {t.number: t.value for t in study.trials if t.state == TrialState.COMPLETE}
+    assert all(after[n] == v for n, v in completed_before)  # no completed trial lost
+    metrics = yaml.safe_load((tmp_path / "tune.json").read_text())
+    assert metrics["n_complete"] + metrics["n_pruned"] == 4
