@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: ``python -m src.bench stain``.
+"""Benchmarks that print figures: ``python -m src.bench stain`` and ``python -m src.bench trial``.
 
 ``stain``: on a simulated 2000 x 2000 slide, staintools' ``StainNormalizer.transform`` against
 :class:`src.stain.StainNormalizer` with the same fitted target, side by side in one run: seconds,
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -62,15 +63,134 @@ def print_stain(results: dict, size: int) -> None:
     Console(width=100).print(table)
 
 
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.process, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.start = self.process.memory_info().rss
+
+        def sample():
+            while not self.stop.is_set():
+                self.peak = max(self.peak, self.process.memory_info().rss)
+                self.stop.wait(0.05)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak_mb = max(self.peak, self.process.memory_info().rss) / 2**20
+
+
+def bench_trial(overrides: list[str], patches: str, cache_dir: str) -> dict:
+    """One trial (spatial CV of one recipe) uncached and cached, in this process, side by side."""
+    import tempfile
+
+    from src.config import load_params
+    from src.data import load_patch_set
+    from src.train import cross_validate
+
+    patch_set = load_patch_set(patches, "train")
+    n = len(patch_set.spots)
+    results = {}
+    for label, cached in (("uncached", False), ("cached (cache built)", True), ("cached", True)):
+        extra = [f"train.feature_cache={str(cached).lower()}", f"train.cache_dir={cache_dir}"]
+        if cached:
+            extra.append("train.color_jitter=0.0")
+        params = load_params(overrides=[*overrides, *extra])
+        with PeakRSS() as memory:
+            start = time.perf_counter()
+            result = cross_validate(params, patch_set, show_progress=False)
+            seconds = time.perf_counter() - start
+        folds = params.cv.n_folds
+        results[label] = {
+            "seconds": seconds, "cv": result.score, "peak_mb": memory.peak_mb,
+            "train_patches_per_s": sum(result.epochs_run) * n * (folds - 1) / folds / seconds,
+            "epochs": sum(result.epochs_run),
+        }
+    return results
+
+
+def bench_pruning(overrides: list[str], patches: str, cache_dir: str, trials: int) -> dict:
+    """The same seeded study with the median pruner and without: epochs trained and best value."""
+    import tempfile
+
+    from src.config import apply_overrides, read_raw
+    from src.data import load_patch_set
+    from src.tune import run_study
+
+    patch_set = load_patch_set(patches, "train")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for pruner in ("median", "none"):
+            raw = apply_overrides(read_raw("params.yaml"), [*overrides, "train.feature_cache=true",
+                                  "train.color_jitter=0.0", f"train.cache_dir={cache_dir}", f"tune.pruner={pruner}"])
+            start = time.perf_counter()
+            study = run_study(raw, patch_set, trials, f"bench-{pruner}", f"sqlite:///{tmp}/bench.db",
+                              artifact_dir=Path(tmp) / "artifacts", live=False)
+            out[pruner] = {"epochs": sum(t.user_attrs.get("epochs_run", 0) for t in study.trials),
+                           "best": study.best_value, "seconds": time.perf_counter() - start,
+                           "pruned": sum(t.state.name == "PRUNED" for t in study.trials)}
+    return out
+
+
+def print_trial(results: dict, pruning: dict | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=110)
+    table = Table(title="one trial (spatial CV of one recipe), same process, same data")
+    for column in ("path", "seconds", "CV spearman", "train patches/s", "peak RSS MB", "vs uncached"):
+        table.add_column(column, justify="right")
+    base = results["uncached"]["seconds"]
+    for label, r in results.items():
+        table.add_row(label, f"{r['seconds']:.1f}", f"{r['cv']:.4f}", f"{r['train_patches_per_s']:.0f}",
+                      f"{r['peak_mb']:.0f}", f"{base / r['seconds']:.1f}x")
+    console.print(table)
+    delta = abs(results["cached"]["cv"] - results["uncached"]["cv"])
+    console.print(f"|delta CV spearman| cached vs uncached: {delta:.4f}")
+    if pruning:
+        table = Table(title="study with and without the median pruner (same seed and trials, cached)")
+        for column in ("pruner", "epochs trained", "pruned trials", "best CV", "seconds"):
+            table.add_column(column, justify="right")
+        for name, r in pruning.items():
+            table.add_row(name, str(r["epochs"]), str(r["pruned"]), f"{r['best']:.4f}", f"{r['seconds']:.0f}")
+        console.print(table)
+        ratio = pruning["median"]["epochs"] / max(1, pruning["none"]["epochs"])
+        console.print(f"epochs with pruning / without: {ratio:.2f}; best value difference "
+                      f"{pruning['median']['best'] - pruning['none']['best']:+.4f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     stain = sub.add_parser("stain", help="staintools vs our stain transform")
     stain.add_argument("--size", type=int, default=2000, help="slide edge in px (default 2000)")
     stain.add_argument("--repeats", type=int, default=3, help="timed runs per method (best kept)")
+    trial = sub.add_parser("trial", help="a trial cached vs uncached, and pruning vs not")
+    trial.add_argument("--patches", default="data/patches", help="patch store (default data/patches)")
+    trial.add_argument("--cache-dir", default="cache/bench", help="feature cache folder for the run")
+    trial.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override the recipe, e.g. model.unfrozen_blocks=1 (repeatable)")
+    trial.add_argument("--study-trials", type=int, default=12,
+                       help="trials per study for the pruning figure (0 skips it)")
     args = parser.parse_args(argv)
     if args.what == "stain":
         print_stain(bench_stain(args.size, args.repeats), args.size)
+    else:
+        import shutil
+
+        shutil.rmtree(args.cache_dir, ignore_errors=True)  # the first cached run builds it
+        results = bench_trial(args.set, args.patches, args.cache_dir)
+        pruning = bench_pruning(args.set, args.patches, args.cache_dir, args.study_trials) if args.study_trials else None
+        print_trial(results, pruning)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ class TrainConfig:
     color_jitter: float  # brightness/contrast/saturation jitter strength; 0 = off
     resized_crop: float  # RandomResizedCrop minimum scale; 0 = off
     num_workers: int  # DataLoader worker processes
+    feature_cache: bool  # cache the frozen backbone prefix per patch and dihedral variant (src/features.py)
+    cache_dir: str  # where cached features live (never under git; safe to delete)
 
 
 @dataclass(frozen=True)

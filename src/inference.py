@@ -33,11 +33,16 @@ def check_tta(names: list[str]) -> None:
 
 @torch.inference_mode()
 def predict(model: SpatialCellModel, patch_set: PatchSet, rows: np.ndarray, tta: list[str],
-            batch_size: int = 256, device: torch.device | None = None) -> np.ndarray:
-    """Mean prediction over the ``tta`` transforms for the given rows (N x T, target space)."""
+            batch_size: int = 256, device: torch.device | None = None, cached: tuple | None = None
+            ) -> np.ndarray:
+    """Mean prediction over the ``tta`` transforms for the given rows (N x T, target space).
+
+    ``cached`` = (FeatureCache, PrefixSplit): read the transforms' prefix features from the cache."""
     check_tta(tta)
     device = device or default_device()
     model.eval().to(device)
+    if cached is not None:
+        return _predict_cached(model, patch_set, np.asarray(rows), tta, batch_size, device, *cached)
     transform = build_transform(model.preprocessing, patch_set.patch_size, train=None)
     loader = DataLoader(SpotDataset(patch_set, rows, transform), batch_size=batch_size, shuffle=False,
                         pin_memory=device.type == "cuda")
@@ -51,6 +56,25 @@ def predict(model: SpatialCellModel, patch_set: PatchSet, rows: np.ndarray, tta:
         with autocast(device):
             for name in tta:
                 pred = model(dihedral(images, name), coords).float()
+                total = pred if total is None else total + pred
+        out.append((total / len(tta)).cpu())
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(patch_set.targets)))
+
+
+def _predict_cached(model, patch_set, rows, tta, batch_size, device, cache, split) -> np.ndarray:
+    from src.features import cached_batch
+
+    coords = torch.from_numpy(patch_set.coords())
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        batch_coords = coords[batch].to(device)
+        total = None
+        with autocast(device):
+            for name in tta:
+                variants = np.full(len(batch), cache.variant_index(name))
+                features = split.features(cached_batch(cache, variants, batch, device), model.preprocessing.input_size)
+                pred = model.forward_head(features, batch_coords).float()
                 total = pred if total is None else total + pred
         out.append((total / len(tta)).cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(patch_set.targets)))

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from src.checkpoint import save_checkpoint
 from src.config import Params, apply_overrides, load_params, read_raw
 from src.data import PatchSet, SpotDataset, build_transform, load_patch_set
-from src.errors import exit_on_input_error
+from src.errors import InputError, exit_on_input_error
 from src.inference import autocast, default_device, predict
 from src.losses import AbundanceLoss, target_ranks, transform_targets
 from src.metrics import competition_score, floor_score, per_type_spearman
@@ -56,6 +56,74 @@ class FitResult:
     epochs_run: int
     train_loss: list[float] = field(default_factory=list)
     val_scores: list[float] = field(default_factory=list)  # per epoch, no TTA or smoothing
+    cached: tuple | None = None  # (FeatureCache, PrefixSplit) when trained on cached features
+
+
+def max_unfrozen(params: Params) -> int:
+    """The most blocks any trial of the study trains: the feature cache is cut before them."""
+    searched = params.tune.space.get("model", {}).get("unfrozen_blocks", {})
+    return max(params.model.unfrozen_blocks, int(searched.get("high", 0)))
+
+
+class Batches:
+    """Training batches (inputs, coords, targets, ranks) and the forward pass that consumes them:
+    normalized images through the whole model, or cached prefix features through the rest of it."""
+
+    def __init__(self, params: Params, model: SpatialCellModel, patch_set: PatchSet, rows: np.ndarray,
+                 targets: np.ndarray, ranks: np.ndarray, generator: torch.Generator, device: torch.device):
+        cfg = params.train
+        self.model, self.rows, self.device, self.generator = model, rows, device, generator
+        self.batch_size = cfg.batch_size
+        self.cache = None
+        if cfg.feature_cache:
+            from src.features import cache_for
+
+            if cfg.color_jitter > 0 or cfg.resized_crop > 0:
+                raise InputError("params: train.feature_cache fixes the backbone input: set train.color_jitter "
+                                 "and train.resized_crop to 0 (dihedral flips stay available)")
+            self.cache, self.split = cache_for(model, patch_set, max_unfrozen(params), Path(cfg.cache_dir), device)
+            self.flips = cfg.flips
+            self.coords = torch.from_numpy(patch_set.coords())
+            self.targets = torch.from_numpy(targets.astype(np.float32))
+            self.ranks = torch.from_numpy(ranks.astype(np.float32))
+            return
+        dataset = SpotDataset(patch_set, rows, build_transform(model.preprocessing, patch_set.patch_size, cfg),
+                              targets[rows], ranks[rows])
+        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                                 drop_last=len(dataset) > cfg.batch_size, num_workers=cfg.num_workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+
+    def __len__(self) -> int:
+        if self.cache is None:
+            return len(self.loader)
+        return max(1, len(self.rows) // self.batch_size)
+
+    def __iter__(self):
+        if self.cache is None:
+            yield from self.loader
+            return
+        from src.features import cached_batch
+
+        order = torch.randperm(len(self.rows), generator=self.generator).numpy()
+        identity = self.cache.variant_index("identity")
+        for b in range(len(self)):
+            rows = self.rows[order[b * self.batch_size : (b + 1) * self.batch_size]]
+            if self.flips:
+                variants = torch.randint(len(self.cache.variants), (len(rows),), generator=self.generator).numpy()
+            else:
+                variants = np.full(len(rows), identity)
+            yield (cached_batch(self.cache, variants, rows, self.device), self.coords[rows],
+                   self.targets[rows], self.ranks[rows])
+
+    def forward(self, inputs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            return self.model(inputs, coords)
+        features = self.split.features(inputs, self.model.preprocessing.input_size)
+        return self.model.forward_head(features, coords)
+
+    @property
+    def cached(self):
+        return None if self.cache is None else (self.cache, self.split)
 
 
 def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: np.ndarray | None = None,
@@ -71,36 +139,32 @@ def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: n
     targets = transform_targets(abundance, params.loss.target_transform)
     ranks = target_ranks(abundance)
     model.init_output_bias(torch.from_numpy(targets[train_rows].mean(axis=0)))
-    train_set = SpotDataset(patch_set, train_rows,
-                            build_transform(model.preprocessing, patch_set.patch_size, params.train),
-                            targets[train_rows], ranks[train_rows])
     cfg = params.train
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                        drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    batches = Batches(params, model, patch_set, np.asarray(train_rows), targets, ranks, generator, device)
     backbone_params, head_params = model.trainable_parameter_groups()
     groups = [{"params": head_params, "lr": cfg.lr_head}]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": cfg.lr_backbone})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.epochs * len(loader), cfg.warmup_fraction))
+        optimizer, warmup_cosine(cfg.epochs * len(batches), cfg.warmup_fraction))
     loss_fn = AbundanceLoss(params.loss)
     result = FitResult(model=model, epochs_run=0)
+    result.cached = batches.cached
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not show_progress,
                         transient=False)
     with progress:
         for epoch in range(cfg.epochs):
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), status="")
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches), status="")
             model.train()
             running = torch.zeros((), device=device)
-            for images, coords, batch_targets, batch_ranks in loader:
-                images = images.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
+            for inputs, coords, batch_targets, batch_ranks in batches:
+                inputs = inputs.to(device, non_blocking=True)
+                if device.type == "cuda" and inputs.ndim == 4:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
                 with autocast(device):
-                    pred = model(images, coords.to(device, non_blocking=True))
+                    pred = batches.forward(inputs, coords.to(device, non_blocking=True))
                 loss = loss_fn(pred, batch_targets.to(device, non_blocking=True),
                                batch_ranks.to(device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)
@@ -111,12 +175,13 @@ def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: n
                 scheduler.step()
                 running += loss.detach()
                 progress.advance(task)
-            epoch_loss = float(running) / max(1, len(loader))  # one host sync per epoch
+            epoch_loss = float(running) / max(1, len(batches))  # one host sync per epoch
             result.train_loss.append(epoch_loss)
             result.epochs_run = epoch + 1
             status = f"loss {epoch_loss:.4f}"
             if val_rows is not None and len(val_rows):
-                pred = predict(model, patch_set, val_rows, ["identity"], params.infer.batch_size, device)
+                pred = predict(model, patch_set, val_rows, ["identity"], params.infer.batch_size, device,
+                               cached=batches.cached)
                 score = competition_score(pred, abundance[val_rows])
                 result.val_scores.append(score)
                 status += f"  val spearman {score:.4f}"
@@ -162,7 +227,7 @@ def cross_validate(params: Params, patch_set: PatchSet, on_epoch: Callable[[int,
         callback = (lambda epoch, score, k=k: on_epoch(k, epoch, score)) if on_epoch else None
         result = fit(params, patch_set, fold.train, fold.val, callback, device, show_progress)
         oof[fold.val] = predict(result.model, patch_set, fold.val, params.infer.tta,
-                                params.infer.batch_size, device)
+                                params.infer.batch_size, device, cached=result.cached)
         fold_of[fold.val] = k
         floor_preds[fold.val] = abundance[fold.train].mean(axis=0)
         epochs_run.append(result.epochs_run)

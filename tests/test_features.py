@@ -1,0 +1,121 @@
+"""Frozen-prefix feature cache: same features as the uncached path, keyed, and self-checking."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from src.data import DIHEDRAL, build_transform, dihedral, load_patch_set
+from src.errors import InputError
+from src.features import PrefixSplit, build_or_load, cache_for
+from src.inference import predict
+from src.model import SpatialCellModel
+from src.train import fit
+from tests.conftest import fast_params
+
+FP16_TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture(scope="module")
+def train_set(tiny_patches):
+    return load_patch_set(tiny_patches / "patches", "train")
+
+
+def _model(**changes):
+    torch.manual_seed(0)
+    return SpatialCellModel(replace(fast_params().model, **changes), n_outputs=35).eval()
+
+
+@pytest.mark.parametrize("backbone, unfrozen, variants", [
+    ("resnet10t", 1, DIHEDRAL),
+    ("convnext_atto", 2, DIHEDRAL),
+    ("vit_tiny_patch16_224", 2, ("identity", "rot90")),
+])
+def test_cached_features_equal_the_uncached_forward_for_each_variant(train_set, tmp_path, backbone, unfrozen, variants):
+    model = _model(backbone=backbone, unfrozen_blocks=unfrozen, input_size=0 if "vit" in backbone else 32)
+    rows = np.arange(12)
+    small = replace(train_set, images=np.ascontiguousarray(train_set.images[:12]), spots=train_set.spots.iloc[:12])
+    cache, split = build_or_load(model, small, len(model.blocks) - unfrozen, tmp_path, variants=variants,
+                                 log=lambda _: None)
+    transform = build_transform(model.preprocessing, small.patch_size, train=None)
+    images = transform(torch.from_numpy(np.array(small.images)).permute(0, 3, 1, 2))
+    size = model.preprocessing.input_size
+    with torch.no_grad():
+        for v, name in enumerate(variants):
+            expected = model.forward_features(dihedral(images, name))
+            cached = torch.from_numpy(np.array(cache.array[v, rows])).float()
+            got = split.features(cached, size)
+            np.testing.assert_allclose(got.numpy(), expected.numpy(), **FP16_TOL)  # fp16 storage
+
+
+def test_cached_and_uncached_predictions_agree(train_set, tmp_path):
+    params = fast_params(f"train.cache_dir={tmp_path}", "train.feature_cache=true", "train.color_jitter=0.0")
+    rows = np.arange(len(train_set.spots))
+    result = fit(params, train_set, rows[::2], rows[1::2], show_progress=False)
+    assert result.cached is not None and np.isfinite(result.val_scores).all()
+    tta = ["identity", "hflip", "rot90"]
+    cached = predict(result.model, train_set, rows[1::2], tta, cached=result.cached)
+    plain = predict(result.model, train_set, rows[1::2], tta)
+    np.testing.assert_allclose(cached, plain, rtol=2e-2, atol=2e-2)
+
+
+def test_cached_mode_refuses_input_augmentations(train_set, tmp_path):
+    params = fast_params(f"train.cache_dir={tmp_path}", "train.feature_cache=true", "train.color_jitter=0.2")
+    with pytest.raises(InputError, match="train.feature_cache fixes the backbone input"):
+        fit(params, train_set, np.arange(20), show_progress=False)
+
+
+def _folder(model, patch_set, cut, root, **kw):
+    cache, _ = build_or_load(model, patch_set, cut, root, variants=("identity", "hflip"), log=lambda _: None, **kw)
+    return cache.folder
+
+
+def test_cache_key_changes_with_every_part(train_set, tmp_path):
+    small = replace(train_set, images=np.ascontiguousarray(train_set.images[:8]), spots=train_set.spots.iloc[:8])
+    base = _folder(_model(), small, 3, tmp_path)
+    assert _folder(_model(), small, 3, tmp_path) == base  # same key: reused
+    torch.manual_seed(1)
+    other_weights = SpatialCellModel(fast_params().model, 35).eval()
+    changed = {
+        "weights": _folder(other_weights, small, 3, tmp_path),
+        "backbone": _folder(_model(backbone="resnet14t"), small, 3, tmp_path),
+        "input size": _folder(_model(input_size=48), small, 3, tmp_path),
+        "cut": _folder(_model(), small, 2, tmp_path),
+        "patches": _folder(_model(), replace(small, images=small.images[::-1].copy()), 3, tmp_path),
+    }
+    cache, _ = build_or_load(_model(), small, 3, tmp_path, variants=("identity",), log=lambda _: None)
+    changed["variants"] = cache.folder
+    assert all(folder != base for folder in changed.values()), changed
+    assert len(set(changed.values())) == len(changed)
+
+
+@pytest.mark.parametrize("damage", ["flip bytes", "truncate", "drop meta"])
+def test_corrupt_or_partial_cache_is_detected_and_rebuilt(train_set, tmp_path, damage):
+    small = replace(train_set, images=np.ascontiguousarray(train_set.images[:8]), spots=train_set.spots.iloc[:8])
+    model = _model()
+    folder = _folder(model, small, 3, tmp_path)
+    good = np.load(folder / "features.npy").copy()
+    path = folder / "features.npy"
+    if damage == "flip bytes":
+        data = bytearray(path.read_bytes())
+        data[-10:] = bytes(10)
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        (folder / "meta.json").unlink()
+    messages = []
+    cache, _ = build_or_load(model, small, 3, tmp_path, variants=("identity", "hflip"), log=messages.append)
+    assert any("rebuilding" in m for m in messages)
+    np.testing.assert_array_equal(np.asarray(cache.array), good)
+
+
+def test_in_process_reuse_across_models_with_other_unfrozen_counts(train_set, tmp_path):
+    small = replace(train_set, images=np.ascontiguousarray(train_set.images[:8]), spots=train_set.spots.iloc[:8])
+    a, _ = cache_for(_model(unfrozen_blocks=1), small, 3, tmp_path, torch.device("cpu"), log=lambda _: None)
+    model = _model(unfrozen_blocks=3)
+    b, split = cache_for(model, small, 3, tmp_path, torch.device("cpu"), log=lambda _: None)
+    assert a is b and isinstance(split, PrefixSplit)
+    model.train()  # the adopted layout runs (stem activations included)
+    features = split.features(torch.from_numpy(np.array(b.array[0, :4])).float(), 32)
+    assert torch.isfinite(model.forward_head(features, torch.rand(4, 2))).all()
