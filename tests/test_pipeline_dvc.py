@@ -18,7 +18,7 @@ SMALL = {
     "simulate": {"size": 240, "n_train": 2, "n_test": 1},
     "stain": {"fit_pixels": 20000},
     "patches": {"size": 32},
-    "model": {"backbone": "resnet10t", "input_size": 32, "unfrozen_blocks": 1, "hidden": 64},
+    "model": {"backbone": "resnet10t", "input_size": 32, "unfrozen_blocks": 1, "hidden": 64},  # cached trials
     "train": {"epochs": 1, "batch_size": 16},
     "cv": {"n_folds": 2},
     "infer": {"tta": ["identity", "hflip"]},
