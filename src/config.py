@@ -251,3 +251,10 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: Iterable[str] = ()) -
 def to_dict(obj: Any) -> dict:
     """Dataclass -> plain dict (for checkpoints and YAML dumps)."""
     return dataclasses.asdict(obj)
+
+
+def add_params_arguments(parser, example: str) -> None:
+    """The ``--params`` and ``--set`` options every stage command shares."""
+    parser.add_argument("--params", default=PARAMS_FILE, help=f"params file (default: {PARAMS_FILE})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one param, e.g. {example} (repeatable)")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import h5py
 
-from src.config import StainConfig, load_params
+from src.config import StainConfig, add_params_arguments, load_params
 from src.errors import InputError, exit_on_input_error
 from src.io_utils import atomic_path
 from src.slides import SlideRef, image_chunks, open_h5, read_image_uint8, slide_refs
@@ -64,9 +64,7 @@ def normalize_file(src: Path, out_dir: Path, cfg: StainConfig, log=print) -> Sta
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.normalize", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/normalized"), help="output folder")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one param, e.g. stain.method=macenko (repeatable)")
+    add_params_arguments(parser, "stain.method=macenko")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
     normalize_file(Path(params.data.h5), args.out, params.stain)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.config import PatchesConfig, load_params
+from src.config import PatchesConfig, add_params_arguments, load_params
 from src.errors import InputError, exit_on_input_error
 from src.io_utils import atomic_path
 from src.normalize import SLIDES_FILE
@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--normalized", type=Path, default=Path("data/normalized") / SLIDES_FILE,
                         help="normalized slides (output of the normalize stage)")
     parser.add_argument("--out", type=Path, default=Path("data/patches"), help="output folder")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one param, e.g. patches.size=128 (repeatable)")
+    add_params_arguments(parser, "patches.size=128")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
     extract_patches(args.normalized, args.out, params.patches)

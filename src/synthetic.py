@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
-from src.config import SimulateConfig, load_params
+from src.config import SimulateConfig, add_params_arguments, load_params
 from src.errors import exit_on_input_error
 from src.io_utils import atomic_path
 from src.slides import image_chunks
@@ -259,9 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data/simulated.h5"), help="HDF5 to write")
     parser.add_argument("--truth-out", type=Path, default=Path("data/simulated_truth.h5"),
                         help="truth file to write (observed and noise-free abundances)")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one param, e.g. simulate.size=600 (repeatable)")
+    add_params_arguments(parser, "simulate.size=600")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
     slides, names = simulate(params.simulate)

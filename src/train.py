@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader
 
 from src.checkpoint import save_checkpoint
-from src.config import Params, apply_overrides, load_params, read_raw
+from src.config import Params, add_params_arguments, apply_overrides, load_params, read_raw
 from src.data import PatchSet, SpotDataset, build_transform, load_patch_set
 from src.errors import InputError, exit_on_input_error
 from src.inference import autocast, default_device, predict
@@ -258,9 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("models/model.pt"), help="checkpoint to write")
     parser.add_argument("--best", type=Path, default=None,
                         help="best_params.yaml of a study: retrain its best trial (else params.yaml as is)")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one param, e.g. train.epochs=2 (repeatable)")
+    add_params_arguments(parser, "train.epochs=2")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
     if args.best is not None:
