@@ -146,6 +146,15 @@ def print_trial(results: dict, pruning: dict | None) -> None:
     from rich.table import Table
 
     console = Console(width=110)
+    if results:
+        _print_trial_table(console, results)
+    if pruning:
+        _print_pruning_table(console, pruning)
+
+
+def _print_trial_table(console, results: dict) -> None:
+    from rich.table import Table
+
     table = Table(title="one trial (spatial CV of one recipe), same process, same data")
     for column in ("path", "seconds", "CV spearman", "train patches/s", "peak RSS MB", "vs uncached"):
         table.add_column(column, justify="right")
@@ -156,16 +165,20 @@ def print_trial(results: dict, pruning: dict | None) -> None:
     console.print(table)
     delta = abs(results["cached"]["cv"] - results["uncached"]["cv"])
     console.print(f"|delta CV spearman| cached vs uncached: {delta:.4f}")
-    if pruning:
-        table = Table(title="study with and without the median pruner (same seed and trials, cached)")
-        for column in ("pruner", "epochs trained", "pruned trials", "best CV", "seconds"):
-            table.add_column(column, justify="right")
-        for name, r in pruning.items():
-            table.add_row(name, str(r["epochs"]), str(r["pruned"]), f"{r['best']:.4f}", f"{r['seconds']:.0f}")
-        console.print(table)
-        ratio = pruning["median"]["epochs"] / max(1, pruning["none"]["epochs"])
-        console.print(f"epochs with pruning / without: {ratio:.2f}; best value difference "
-                      f"{pruning['median']['best'] - pruning['none']['best']:+.4f}")
+
+
+def _print_pruning_table(console, pruning: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="study with and without the median pruner (same seed and trials, cached)")
+    for column in ("pruner", "epochs trained", "pruned trials", "best CV", "seconds"):
+        table.add_column(column, justify="right")
+    for name, r in pruning.items():
+        table.add_row(name, str(r["epochs"]), str(r["pruned"]), f"{r['best']:.4f}", f"{r['seconds']:.0f}")
+    console.print(table)
+    ratio = pruning["median"]["epochs"] / max(1, pruning["none"]["epochs"])
+    console.print(f"epochs with pruning / without: {ratio:.2f}; best value difference "
+                  f"{pruning['median']['best'] - pruning['none']['best']:+.4f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="override the recipe, e.g. model.unfrozen_blocks=1 (repeatable)")
     trial.add_argument("--study-trials", type=int, default=12,
                        help="trials per study for the pruning figure (0 skips it)")
+    trial.add_argument("--pruning-only", action="store_true", help="skip the cached/uncached trial figure")
     args = parser.parse_args(argv)
     if args.what == "stain":
         print_stain(bench_stain(args.size, args.repeats), args.size)
@@ -188,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         import shutil
 
         shutil.rmtree(args.cache_dir, ignore_errors=True)  # the first cached run builds it
-        results = bench_trial(args.set, args.patches, args.cache_dir)
+        results = None if args.pruning_only else bench_trial(args.set, args.patches, args.cache_dir)
         pruning = bench_pruning(args.set, args.patches, args.cache_dir, args.study_trials) if args.study_trials else None
         print_trial(results, pruning)
 

@@ -87,6 +87,7 @@ class TrainConfig:
     num_workers: int  # DataLoader worker processes
     feature_cache: bool  # cache the frozen backbone prefix per patch and dihedral variant (src/features.py)
     cache_dir: str  # where cached features live (never under git; safe to delete)
+    compile: bool  # torch.compile the model's modules (worth it on a GPU; slow to start on a CPU)
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,15 @@ class FeatureCache:
     variants: tuple[str, ...]
     cut: int
     folder: Path
+    resident: torch.Tensor | None = None  # the same array on the GPU, when it fits
+
+    def keep_on(self, device: torch.device, share: float = 0.5) -> None:
+        """Copy the cache to the GPU if it takes at most ``share`` of the free memory there."""
+        if device.type != "cuda" or self.resident is not None:
+            return
+        free, _ = torch.cuda.mem_get_info(device)
+        if self.array.nbytes <= share * free:
+            self.resident = torch.from_numpy(np.ascontiguousarray(self.array)).to(device)
 
     def variant_index(self, name: str) -> int:
         if name not in self.variants:
@@ -291,6 +300,7 @@ def cache_for(model: SpatialCellModel, patch_set: PatchSet, max_unfrozen: int, r
         cache, template = _LOADED[memo]
         return cache, PrefixSplit(model, cut).adopt(template)
     cache, split = build_or_load(model, patch_set, cut, root, device=device, log=log)
+    cache.keep_on(device)
     _LOADED[memo] = (cache, split)
     return cache, split
 
@@ -298,6 +308,9 @@ def cache_for(model: SpatialCellModel, patch_set: PatchSet, max_unfrozen: int, r
 def cached_batch(cache: FeatureCache, variant_index: np.ndarray, rows: np.ndarray,
                  device: torch.device) -> torch.Tensor:
     """float32 features of ``rows`` (one variant per row) as a device tensor."""
+    if cache.resident is not None:  # gathered on the GPU: no host copy, no sync
+        index = torch.from_numpy(variant_index).to(device), torch.from_numpy(rows).to(device)
+        return cache.resident[index].float()
     order = np.argsort(rows, kind="stable")  # memmap reads are faster in file order
     block = np.empty((len(rows), *cache.array.shape[2:]), dtype=CACHE_DTYPE)
     block[order] = cache.array[variant_index[order], rows[order]]

@@ -141,6 +141,10 @@ def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: n
     model.init_output_bias(torch.from_numpy(targets[train_rows].mean(axis=0)))
     cfg = params.train
     batches = Batches(params, model, patch_set, np.asarray(train_rows), targets, ranks, generator, device)
+    if cfg.compile:
+        # In cached mode the backbone's prefix is swapped per batch, so only the rest is compiled.
+        for module in ([model.image_proj, model.head] if batches.cache is not None else [model]):
+            module.compile()
     backbone_params, head_params = model.trainable_parameter_groups()
     groups = [{"params": head_params, "lr": cfg.lr_head}]
     if backbone_params:

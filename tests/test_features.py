@@ -119,3 +119,14 @@ def test_in_process_reuse_across_models_with_other_unfrozen_counts(train_set, tm
     model.train()  # the adopted layout runs (stem activations included)
     features = split.features(torch.from_numpy(np.array(b.array[0, :4])).float(), 32)
     assert torch.isfinite(model.forward_head(features, torch.rand(4, 2))).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cached", [False, True])
+def test_compiled_training_matches_the_eager_path(train_set, tmp_path, cached):
+    options = [f"train.cache_dir={tmp_path}", f"train.feature_cache={str(cached).lower()}",
+               "train.color_jitter=0.0", "train.flips=false"]
+    rows = np.arange(len(train_set.spots))
+    eager = fit(fast_params(*options), train_set, rows, show_progress=False)
+    compiled = fit(fast_params(*options, "train.compile=true"), train_set, rows, show_progress=False)
+    np.testing.assert_allclose(compiled.train_loss, eager.train_loss, rtol=1e-2)  # fused kernels round differently
