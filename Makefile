@@ -38,8 +38,9 @@ $(VENV)/.project-installed: pyproject.toml $(VENV)/.torchsort-installed
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
+# Stage commands call `python`: the venv's bin goes first on PATH so they run in the venv.
 repro: setup
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # The dashboard's browser check needs Chromium (Debian package); installed where apt-get can run.
 browser:
@@ -57,6 +58,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m src.bench stain
+	$(BIN)/python -m src.bench trial --set model.unfrozen_blocks=1
 
 # Review studies (trials, params, artifacts) at http://127.0.0.1:8080
 dashboard: setup
