@@ -91,8 +91,6 @@ class PeakRSS:
 
 def bench_trial(overrides: list[str], patches: str, cache_dir: str) -> dict:
     """One trial (spatial CV of one recipe) uncached and cached, in this process, side by side."""
-    import tempfile
-
     from src.config import load_params
     from src.data import load_patch_set
     from src.train import cross_validate

@@ -22,7 +22,7 @@ from src.data import PatchSet, SpotDataset, build_transform, load_patch_set
 from src.errors import InputError, exit_on_input_error
 from src.inference import autocast, default_device, predict
 from src.losses import AbundanceLoss, target_ranks, transform_targets
-from src.metrics import competition_score, floor_score, per_type_spearman
+from src.metrics import competition_score, per_type_spearman
 from src.model import SpatialCellModel
 from src.smoothing import smooth
 from src.splits import make_folds
