@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,7 +275,6 @@ def build_or_load(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: 
                     array[v, start : start + len(images)] = out.float().cpu().numpy().astype(CACHE_DTYPE)
         array.flush()
         del array
-        os.sync() if hasattr(os, "sync") else None
         meta = {"key": key, "bytes": (tmp / "features.npy").stat().st_size,
                 "checksum": _digest_file(tmp / "features.npy")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
