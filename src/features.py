@@ -9,7 +9,8 @@ cached batch, the others a zero placeholder of their recorded shape), so this wo
 backbone whose prefix modules return tensors -- ResNet, ConvNeXt, ViT, EfficientNet, ...
 
 Cache key: backbone name, prefix weights, patches, input size and normalization, cut and variants.
-A file whose size or checksum does not match its metadata is rebuilt, never used.
+A file whose size or checksum does not match its metadata is rebuilt, never used. Processes that
+share a cache folder (the workers of one study) build each cache once, under a file lock.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import nn
 
 from src.data import DIHEDRAL, PatchSet, build_transform, dihedral
@@ -259,27 +261,37 @@ def build_or_load(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: 
     key = cache_key(model, split, patch_set, variants)
     folder = Path(root) / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     if _valid(folder, key):
-        return FeatureCache(np.load(folder / "features.npy", mmap_mode="r"), variants, cut, folder), split
-    if folder.exists():
-        log(f"feature cache {folder} is incomplete or corrupt: rebuilding it")
-    n = len(patch_set.images)
-    shape = (len(variants), n, *split.shapes[split.cut_module])
-    with atomic_path(folder) as tmp:
-        tmp.mkdir()
-        array = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=CACHE_DTYPE, shape=shape)
-        with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                images = batch(start)
-                for v, name in enumerate(variants):
-                    out = split.prefix(dihedral(images, name))
-                    array[v, start : start + len(images)] = out.float().cpu().numpy().astype(CACHE_DTYPE)
-        array.flush()
-        del array
-        meta = {"key": key, "bytes": (tmp / "features.npy").stat().st_size,
-                "checksum": _digest_file(tmp / "features.npy")}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    log(f"built feature cache {folder} ({shape[0]} variants x {shape[1]} patches, {tuple(shape[2:])})")
-    return FeatureCache(np.load(folder / "features.npy", mmap_mode="r"), variants, cut, folder), split
+        return _load(folder, variants, cut), split
+    # Workers sharing train.cache_dir (several processes of a study) build a cache once: the first
+    # takes the lock and builds, the others wait and then load what it wrote.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if _valid(folder, key):
+            return _load(folder, variants, cut), split
+        if folder.exists():
+            log(f"feature cache {folder} is incomplete or corrupt: rebuilding it")
+        n = len(patch_set.images)
+        shape = (len(variants), n, *split.shapes[split.cut_module])
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            array = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=CACHE_DTYPE, shape=shape)
+            with torch.inference_mode():
+                for start in range(0, n, batch_size):
+                    images = batch(start)
+                    for v, name in enumerate(variants):
+                        out = split.prefix(dihedral(images, name))
+                        array[v, start : start + len(images)] = out.float().cpu().numpy().astype(CACHE_DTYPE)
+            array.flush()
+            del array
+            meta = {"key": key, "bytes": (tmp / "features.npy").stat().st_size,
+                    "checksum": _digest_file(tmp / "features.npy")}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        log(f"built feature cache {folder} ({shape[0]} variants x {shape[1]} patches, {tuple(shape[2:])})")
+    return _load(folder, variants, cut), split
+
+
+def _load(folder: Path, variants: tuple[str, ...], cut: int) -> FeatureCache:
+    return FeatureCache(np.load(folder / "features.npy", mmap_mode="r"), variants, cut, folder)
 
 
 _LOADED: dict[tuple, tuple[FeatureCache, PrefixSplit]] = {}

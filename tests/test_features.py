@@ -130,3 +130,34 @@ def test_compiled_training_matches_the_eager_path(train_set, tmp_path, cached):
     eager = fit(fast_params(*options), train_set, rows, show_progress=False)
     compiled = fit(fast_params(*options, "train.compile=true"), train_set, rows, show_progress=False)
     np.testing.assert_allclose(compiled.train_loss, eager.train_loss, rtol=1e-2)  # fused kernels round differently
+
+
+def _build_in_worker(patches_dir, root, barrier, results):
+    """One of several processes building the same cache at the same moment."""
+    torch.set_num_threads(1)
+    patch_set = load_patch_set(patches_dir, "train")
+    model = _model()
+    messages = []
+    barrier.wait(timeout=120)
+    cache, _ = build_or_load(model, patch_set, 3, root, log=messages.append)
+    results.put((messages, str(cache.folder), np.asarray(cache.array).tobytes()))
+
+
+def test_workers_sharing_a_cache_folder_build_it_once(tiny_patches, tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    workers = [ctx.Process(target=_build_in_worker, args=(tiny_patches / "patches", tmp_path, barrier, results))
+               for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    builds = [m for messages, _, _ in outcomes for m in messages if m.startswith("built feature cache")]
+    assert len(builds) == 1, [messages for messages, _, _ in outcomes]
+    assert len({folder for _, folder, _ in outcomes}) == 1
+    assert len({data for _, _, data in outcomes}) == 1  # every worker reads the same, complete features
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [outcomes[0][1].split("/")[-1]]
