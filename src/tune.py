@@ -18,7 +18,6 @@ import json
 import signal
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,8 @@ from src.io_utils import atomic_path
 from src.losses import to_abundance_scale
 from src.report import per_type_bars
 from src.space import SearchParam, defaults, parse_space, suggest
+from src.storage import (WORKER_ATTR, create_storage, fail_running_trials, is_journal, open_study,
+                         reap_dead_local_workers, worker_identity)
 from src.train import cross_validate
 
 STUDIES_DIR = Path("studies")
@@ -70,35 +71,6 @@ class InterruptFlag:
 INTERRUPT = InterruptFlag()
 
 
-def create_storage(url: str, heartbeat_s: int) -> optuna.storages.BaseStorage:
-    """Optuna storage for a URL: SQLAlchemy URLs (SQLite, PostgreSQL, ...) get a heartbeat that fails
-    and retries trials of killed workers; ``journal:PATH`` is a lock-file journal (no heartbeat)."""
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(url.removeprefix("journal:").removeprefix("//"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:"):
-        db = url.removeprefix("sqlite:///")
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-        # A reader (optuna-dashboard) holding the lock must not crash the writer.
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
-                grace_period=2 * heartbeat_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-            )
-        except Exception as err:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
-            raise InputError(f"--storage {url}: cannot open ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0]})") from None
-
-
 def recipe_fingerprint(base_raw: dict) -> dict:
     """What a study's trials depend on: every param except the run-only tune keys."""
     recipe = {k: v for k, v in base_raw.items() if k != "tune"}
@@ -124,12 +96,18 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     raise InputError(f"params: tune.pruner = {params.tune.pruner!r}: choose median, hyperband or none")
 
 
-def enqueue_defaults(study: optuna.Study, values: dict[str, Any]) -> None:
-    """Make the hand-set recipe a trial unless one with it is already finished, running or queued."""
-    alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    if not any(t.params == values or t.system_attrs.get("fixed_params") == values
-               for t in study.get_trials(deepcopy=False, states=alive)):
+def enqueue_defaults(study: optuna.Study, values: dict[str, Any], created: bool) -> None:
+    """Queue the hand-set recipe as a trial. The worker that creates the study queues it; a worker
+    joining later queues it again only when no copy is finished, running or queued and none failed
+    with an error (every copy was interrupted or killed), so parallel workers never queue it twice."""
+    if created:
         study.enqueue_trial(values, user_attrs={"hand_set": True})
+        return
+    trials = study.get_trials(deepcopy=False)
+    copies = [t for t in trials if t.params == values or t.system_attrs.get("fixed_params") == values]
+    if not trials or any(t.state != TrialState.FAIL or "fail_reason" in t.user_attrs for t in copies):
+        return  # just created by another worker (which queues it), or a copy exists / failed for real
+    study.enqueue_trial(values, user_attrs={"hand_set": True})
 
 
 class Objective:
@@ -143,8 +121,10 @@ class Objective:
         self.store = FileSystemArtifactStore(str(artifact_dir))
         artifact_dir.mkdir(parents=True, exist_ok=True)
         self.show_progress = show_progress
+        self.worker = worker_identity()
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, self.worker)
         params = suggest(trial, self.space, self.base_raw)
         start = time.perf_counter()
         epochs_run = 0
@@ -213,11 +193,13 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
         raise InputError("params: tune.space is empty: nothing to search")
     hand_set = defaults(space, base_raw)
     storage = create_storage(storage_url, params.tune.heartbeat_s)
-    study = optuna.create_study(study_name=study_name_for(study_name, base_raw), storage=storage, direction="maximize",
-                                load_if_exists=True, pruner=make_pruner(params),
-                                sampler=optuna.samplers.TPESampler(seed=params.tune.sampler_seed))
-    study.set_user_attr("recipe", recipe_fingerprint(base_raw))
-    enqueue_defaults(study, hand_set)
+    study, created = open_study(study_name_for(study_name, base_raw), storage, make_pruner(params),
+                                params.tune.sampler_seed)
+    if created:
+        study.set_user_attr("recipe", recipe_fingerprint(base_raw))
+    if is_journal(storage_url):  # no heartbeat: fail and retry the trials of dead local workers
+        reap_dead_local_workers(study)
+    enqueue_defaults(study, hand_set, created)
     if sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) >= n_trials:
         return study
     objective = Objective(base_raw, space, patch_set, artifact_dir)
@@ -234,6 +216,15 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
                        callbacks=callbacks, gc_after_trial=True)
         monitor.show(study)
     return study
+
+
+def load_existing_study(base_raw: dict, study_name: str, storage_url: str) -> optuna.Study:
+    name = study_name_for(study_name, base_raw)
+    storage = create_storage(storage_url, params_from_dict(base_raw).tune.heartbeat_s)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise InputError(f"--study {study_name}: {storage_url} holds no study {name} for this recipe") from None
 
 
 def best_params_record(study: optuna.Study) -> dict:
@@ -322,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/tune.json"))
     parser.add_argument("--artifacts", type=Path, default=ARTIFACT_DIR,
                         help="artifact store folder (trial pictures and OOF tables)")
+    parser.add_argument("--fail-trial", type=int, action="append", default=[], metavar="N",
+                        help="mark RUNNING trial N (left by a worker that died without a heartbeat, e.g. "
+                             "on journal storage) FAIL, queue its retry and exit (repeatable)")
     args = parser.parse_args(argv)
 
     base_raw = apply_overrides(read_raw(args.params), args.set)
@@ -332,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     study_name = args.study or params.tune.study
     storage = args.storage or params.tune.storage or DEFAULT_STORAGE
     timeout = params.tune.timeout_s if args.timeout is None else args.timeout
+    if args.fail_trial:
+        fail_running_trials(load_existing_study(base_raw, study_name, storage), args.fail_trial)
+        return
     patch_set = load_patch_set(args.patches, "train")
     INTERRUPT.install()
     try:

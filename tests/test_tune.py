@@ -106,7 +106,7 @@ def test_pruning_prunes_a_hopeless_trial(tmp_path, train_set):
     study = optuna.create_study(study_name=tune.study_name_for("t", raw), storage=storage, direction="maximize")
     space = parse_space(raw["tune"]["space"])
     hand_set = defaults(space, raw)
-    tune.enqueue_defaults(study, hand_set)
+    tune.enqueue_defaults(study, hand_set, created=True)
     # Nothing learns: weights stay at their random start, far below the first trial's running score.
     study.enqueue_trial({**hand_set, "train.lr_head": 1e-4, "train.lr_backbone": 1e-5, "model.fusion": "gated",
                          "loss.target_transform": "raw", "loss.alpha": 0.0})
