@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 TORCHSORT := torchsort==0.1.10
 
-.PHONY: setup browser repro test test-fast bench dashboard clean
+.PHONY: setup browser postgres repro test test-fast bench dashboard clean
 
 setup: $(VENV)/.project-installed
 
@@ -50,7 +50,15 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	else echo "chromium not found and not installable here: the browser test will be skipped"; fi
 
-test: setup browser
+# The scale-out tests start a throwaway PostgreSQL server (initdb/pg_ctl; Debian package postgresql).
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing the PostgreSQL server for the scale-out tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
+	else echo "PostgreSQL server not found and not installable here: its tests will be skipped (fail under CI)"; fi
+
+test: setup browser postgres
 	$(BIN)/python -m pytest
 
 test-fast: setup

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny simulated slides written in the competition layout."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -73,3 +74,19 @@ def tiny_patches(tiny_dataset, tmp_path_factory) -> Path:
     extract_patches(folder / "normalized" / SLIDES_FILE, folder / "patches", PatchesConfig(32, {}),
                     log=lambda _: None)
     return folder
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """URL of a real PostgreSQL server started for this test session (stopped at its end)."""
+    from tests.postgres_server import LocalPostgres
+
+    server = LocalPostgres()
+    if not server.available:
+        message = "PostgreSQL server binaries (initdb, pg_ctl) not found: `make test` installs them with apt-get"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    url = server.start()
+    yield url
+    server.stop()

@@ -1,27 +1,13 @@
 """optuna-dashboard serves a study made here: trials, values and artifacts over HTTP, and in Chromium."""
 import json
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 5.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read()
+from tests.helpers import http_get, start_dashboard
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +26,7 @@ def dashboard(tmp_path_factory):
         return 1 - (x - 0.3) ** 2
 
     study.optimize(objective, n_trials=3)
-    port = _free_port()
-    exe = Path(sys.executable).parent / "optuna-dashboard"
-    proc = subprocess.Popen([str(exe), storage, "--artifact-dir", str(folder / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            _get(f"{base}/api/studies")
-            break
-        except OSError:
-            time.sleep(0.2)
+    proc, base = start_dashboard(storage, folder / "artifacts")
     yield base, study, folder
     proc.terminate()
     proc.wait(timeout=10)
@@ -59,16 +34,16 @@ def dashboard(tmp_path_factory):
 
 def test_dashboard_api_lists_the_study_trials_values_and_artifacts(dashboard):
     base, study, folder = dashboard
-    studies = json.loads(_get(f"{base}/api/studies"))["study_summaries"]
+    studies = json.loads(http_get(f"{base}/api/studies"))["study_summaries"]
     summary = next(s for s in studies if s["study_name"] == "dash-study")
-    detail = json.loads(_get(f"{base}/api/studies/{summary['study_id']}?after=0"))
+    detail = json.loads(http_get(f"{base}/api/studies/{summary['study_id']}?after=0"))
     trials = detail["trials"]
     assert len(trials) == 3
     assert [t["values"][0] for t in trials] == pytest.approx([t.value for t in study.trials])
     for trial in trials:
         assert len(trial["artifacts"]) == 1
         artifact = trial["artifacts"][0]
-        body = _get(f"{base}/artifacts/{summary['study_id']}/{trial['trial_id']}/{artifact['artifact_id']}")
+        body = http_get(f"{base}/artifacts/{summary['study_id']}/{trial['trial_id']}/{artifact['artifact_id']}")
         assert body == (folder / f"oof{trial['number']}.csv").read_bytes()
 
 
