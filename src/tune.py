@@ -8,7 +8,7 @@ Each trial reports its running CV score per epoch to the pruner, records fold sc
 epochs, wall time and the floor, and uploads a per-type bar chart and its OOF table as artifacts.
 ``--trials`` is the study's target of finished (complete + pruned) trials: rerunning after an
 interruption runs only the missing ones. The stored study name is ``NAME-<recipe hash>``: changing any
-param other than tune.trials/study/storage/timeout_s/heartbeat_s starts a fresh study. Writes ``studies/best_params.yaml`` and ``metrics/tune.json``.
+param other than tune.trials/study/storage/timeout_s/heartbeat_s and train.cache_dir starts a fresh study. Writes ``studies/best_params.yaml`` and ``metrics/tune.json``.
 """
 from __future__ import annotations
 
@@ -43,8 +43,10 @@ STUDIES_DIR = Path("studies")
 DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR}/studies.db"
 ARTIFACT_DIR = STUDIES_DIR / "artifacts"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# Keys that do not change what a trial computes: a study may continue when only these differ.
+# Keys that do not change what a trial computes: a study may continue when only these differ, so
+# workers with their own time limit, or their own feature cache folder on a local disk, share a study.
 RUN_ONLY_KEYS = {"trials", "study", "storage", "timeout_s", "heartbeat_s"}
+RUN_ONLY_TRAIN_KEYS = {"cache_dir"}
 # Failures that mark a trial FAIL and let the study go on (divergence, out of memory, ...).
 TRIAL_ERRORS = (RuntimeError, ValueError, ArithmeticError, MemoryError)
 
@@ -72,9 +74,10 @@ INTERRUPT = InterruptFlag()
 
 
 def recipe_fingerprint(base_raw: dict) -> dict:
-    """What a study's trials depend on: every param except the run-only tune keys."""
-    recipe = {k: v for k, v in base_raw.items() if k != "tune"}
+    """What a study's trials depend on: every param except the run-only keys."""
+    recipe = {k: v for k, v in base_raw.items() if k not in ("tune", "train")}
     recipe["tune"] = {k: v for k, v in base_raw["tune"].items() if k not in RUN_ONLY_KEYS}
+    recipe["train"] = {k: v for k, v in base_raw["train"].items() if k not in RUN_ONLY_TRAIN_KEYS}
     return json.loads(json.dumps(recipe, sort_keys=True, default=str))
 
 
@@ -290,8 +293,7 @@ def write_outputs(study: optuna.Study, best_out: Path, metrics_out: Path) -> Non
         tmp.write_text(json.dumps(tune_metrics(study), indent=2) + "\n")
 
 
-@exit_on_input_error
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m src.tune", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0],
@@ -316,7 +318,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fail-trial", type=int, action="append", default=[], metavar="N",
                         help="mark RUNNING trial N (left by a worker that died without a heartbeat, e.g. "
                              "on journal storage) FAIL, queue its retry and exit (repeatable)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     base_raw = apply_overrides(read_raw(args.params), args.set)
     params = params_from_dict(base_raw)

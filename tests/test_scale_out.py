@@ -47,14 +47,22 @@ def _load(storage: str, tmp_path: Path, *extra: str) -> optuna.Study:
     return optuna.load_study(study_name=tune.study_name_for(tmp_path.name, raw), storage=create_storage(storage, 1))
 
 
+def _storage_url(kind: str, request, tmp_path: Path) -> str:
+    if kind == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path}/study.db" if kind == "sqlite" else f"journal:{tmp_path}/study.journal"
+
+
 @pytest.mark.slow
-def test_three_workers_share_one_postgresql_study(postgres_url, tiny_patches, tmp_path):
-    cmd = _worker_cmd(tiny_patches, tmp_path, postgres_url, 9)
+@pytest.mark.parametrize("kind", ["postgresql", "journal"])
+def test_three_workers_share_one_study(kind, request, tiny_patches, tmp_path):
+    storage = _storage_url(kind, request, tmp_path)
+    cmd = _worker_cmd(tiny_patches, tmp_path, storage, 9)
     workers = [_start(cmd, tmp_path) for _ in range(3)]
     outputs = [w.communicate(timeout=900)[0] for w in workers]
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output
-    study = _load(postgres_url, tmp_path)
+    study = _load(storage, tmp_path)
     finished = [t for t in study.trials if t.state in FINISHED]
     assert 9 <= len(finished) <= 11, [(t.number, t.state) for t in study.trials]
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
@@ -69,12 +77,6 @@ def test_three_workers_share_one_postgresql_study(postgres_url, tiny_patches, tm
     assert best.value == max(t.value for t in study.trials if t.state == TrialState.COMPLETE)
     record = yaml.safe_load((tmp_path / "best.yaml").read_text())
     assert record["trial"] == best.number and record["params"] == best.params
-
-
-def _storage_url(kind: str, request, tmp_path: Path) -> str:
-    if kind == "postgresql":
-        return request.getfixturevalue("postgres_url")
-    return f"sqlite:///{tmp_path}/study.db" if kind == "sqlite" else f"journal:{tmp_path}/study.journal"
 
 
 def _poll(storage: str, tmp_path: Path, extra, until, timeout: float = 300):

@@ -136,7 +136,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, train_set, 
 
 def test_changed_recipe_starts_a_new_study_same_recipe_resumes():
     a = tune.study_name_for("s", base_raw())
-    assert a == tune.study_name_for("s", base_raw("tune.trials=40", "tune.timeout_s=5"))
+    assert a == tune.study_name_for("s", base_raw("tune.trials=40", "tune.timeout_s=5", "train.cache_dir=/scratch/f"))
     assert a != tune.study_name_for("s", base_raw("stain.method=macenko"))
     assert a != tune.study_name_for("s", base_raw("tune.space.loss.alpha.high=0.9"))
     assert a != tune.study_name_for("s", base_raw("tune.sampler_seed=5"))
