@@ -36,7 +36,9 @@ def trial_table(trials: list, rows: int = 12) -> Table:
 
 
 class StudyMonitor:
-    """Optuna callback that redraws the table and the finished/target bar after each trial."""
+    """Optuna callback that redraws the table and the finished/target bar after each trial. Where the
+    output is not a terminal (a worker's log file), it writes one line per trial that ends here and
+    the table once at the end."""
 
     def __init__(self, target: int, console: Console | None = None):
         self.console = console or Console()
@@ -45,6 +47,7 @@ class StudyMonitor:
         self.task = self.progress.add_task("trials", total=target)
         self.live = Live(console=self.console, refresh_per_second=2, transient=False)
         self.last_table = Table()
+        self.lines = not self.console.is_terminal
 
     def _render(self, trials: list) -> Group:
         done = sum(t.state.name in FINISHED for t in trials)
@@ -53,14 +56,29 @@ class StudyMonitor:
         return Group(self.last_table, self.progress)
 
     def __enter__(self) -> "StudyMonitor":
-        self.live.__enter__()
+        if not self.lines:
+            self.live.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.live.__exit__(*exc)
+        if self.lines:
+            self.console.print(Group(self.last_table, self.progress))
+        else:
+            self.live.__exit__(*exc)
 
     def show(self, study) -> None:
-        self.live.update(self._render(study.get_trials(deepcopy=False)))
+        rendered = self._render(study.get_trials(deepcopy=False))
+        if not self.lines:
+            self.live.update(rendered)
 
     def __call__(self, study, trial) -> None:
         self.show(study)
+        if self.lines:
+            value = f" {trial.value:.4f}" if trial.value is not None else ""
+            if trial.state.name == "FAIL":
+                value = f" ({trial.user_attrs.get('fail_reason', 'interrupted')})"
+            best = study.best_value if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else None
+            self.console.print(f"trial {trial.number} {trial.state.name.lower()}{value} | best "
+                               f"{'-' if best is None else f'{best:.4f}'} | "
+                               f"{self.progress.tasks[0].completed}/{self.progress.tasks[0].total} finished",
+                               soft_wrap=True)
