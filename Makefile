@@ -22,8 +22,13 @@ $(VENV)/.torch-installed: | $(BIN)/python
 
 # torchsort builds a CUDA extension whenever `nvcc` is on PATH; without a CUDA device (or where
 # libcudart cannot be linked) that build fails, so nvcc is hidden and the CPU-only extension built.
+# TORCHSORT_CUDA=1 insists on the CUDA extension (an image built with nvcc but no GPU attached).
+TORCHSORT_CUDA ?= auto
 $(VENV)/.torchsort-installed: $(VENV)/.torch-installed
-	@if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+	@if [ "$(TORCHSORT_CUDA)" = 1 ]; then \
+	  $(BIN)/pip install --no-build-isolation $(TORCHSORT) && echo "torchsort: built with CUDA"; \
+	elif [ "$(TORCHSORT_CUDA)" = auto ] \
+	   && $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
 	   && $(BIN)/pip install --no-build-isolation $(TORCHSORT); then \
 	  echo "torchsort: built with CUDA"; \
 	else \
