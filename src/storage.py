@@ -62,19 +62,23 @@ def create_storage(url: str, heartbeat_s: int) -> optuna.storages.BaseStorage:
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_pre_ping"] = True  # a server restart or idle timeout must not fail a trial
-    for attempt in range(SCHEMA_ATTEMPTS):
+    try:
+        return _open_rdb(url, engine_kwargs, heartbeat_s)
+    except Exception as err:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
+        raise _cannot_open(url, err) from None
+
+
+def _open_rdb(url: str, engine_kwargs: dict, heartbeat_s: int) -> optuna.storages.RDBStorage:
+    """Workers started together on an empty database all create Optuna's tables; PostgreSQL lets one
+    win and gives the others a unique violation. Once the tables exist, opening succeeds: retry."""
+    for _ in range(SCHEMA_ATTEMPTS - 1):
         try:
             return _rdb_storage(url, engine_kwargs, heartbeat_s)
         except sqlalchemy.exc.DBAPIError as err:
-            # Workers started together on an empty database all create Optuna's tables; PostgreSQL
-            # lets one win and gives the others a unique violation. Once the tables exist, it opens.
-            race = isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)
-            if not race or attempt == SCHEMA_ATTEMPTS - 1:
-                raise _cannot_open(url, err) from None
+            if not (isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)):
+                raise
             time.sleep(0.2 + random.random())
-        except Exception as err:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
-            raise _cannot_open(url, err) from None
-    raise AssertionError("unreachable")
+    return _rdb_storage(url, engine_kwargs, heartbeat_s)
 
 
 def _rdb_storage(url: str, engine_kwargs: dict, heartbeat_s: int) -> optuna.storages.RDBStorage:
@@ -104,16 +108,12 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, pruner: optuna.p
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
         pass
+    n_trials = len(storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False))
     study = optuna.load_study(study_name=name, storage=storage, pruner=pruner,
-                              sampler=optuna.samplers.TPESampler(seed=joining_seed(seed, len(study_trials(storage, name)))))
+                              sampler=optuna.samplers.TPESampler(seed=joining_seed(seed, n_trials)))
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise InputError(f"study {name!r} in the storage does not maximize: pick another --study")
     return study, False
-
-
-def study_trials(storage: optuna.storages.BaseStorage, name: str) -> list[FrozenTrial]:
-    study_id = storage.get_study_id_from_name(name)
-    return storage.get_all_trials(study_id, deepcopy=False)
 
 
 def joining_seed(seed: int, n_trials: int) -> int:
