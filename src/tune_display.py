@@ -74,8 +74,11 @@ class StudyMonitor:
     def __call__(self, study, trial) -> None:
         self.show(study)
         if self.lines:
-            value = f" {trial.value:.4f}" if trial.value is not None else ""
-            if trial.state.name == "FAIL":
+            if trial.state.name == "COMPLETE":
+                value = f" {trial.value:.4f}"
+            elif trial.state.name == "PRUNED":  # its value is a running score, not comparable to the best
+                value = f" after {trial.user_attrs.get('epochs_run', '?')} epochs"
+            else:
                 value = f" ({trial.user_attrs.get('fail_reason', 'interrupted')})"
             best = study.best_value if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else None
             self.console.print(f"trial {trial.number} {trial.state.name.lower()}{value} | best "
