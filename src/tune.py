@@ -99,18 +99,14 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     raise InputError(f"params: tune.pruner = {params.tune.pruner!r}: choose median, hyperband or none")
 
 
-def enqueue_defaults(study: optuna.Study, values: dict[str, Any], created: bool) -> None:
-    """Queue the hand-set recipe as a trial. The worker that creates the study queues it; a worker
-    joining later queues it again only when no copy is finished, running or queued and none failed
-    with an error (every copy was interrupted or killed), so parallel workers never queue it twice."""
-    if created:
-        study.enqueue_trial(values, user_attrs={"hand_set": True})
-        return
-    trials = study.get_trials(deepcopy=False)
-    copies = [t for t in trials if t.params == values or t.system_attrs.get("fixed_params") == values]
-    if not trials or any(t.state != TrialState.FAIL or "fail_reason" in t.user_attrs for t in copies):
-        return  # just created by another worker (which queues it), or a copy exists / failed for real
-    study.enqueue_trial(values, user_attrs={"hand_set": True})
+HAND_SET = {"hand_set": True}
+
+
+def enqueue_defaults(study: optuna.Study, values: dict[str, Any]) -> None:
+    """Queue the hand-set recipe as a trial: done once, by the worker that creates the study. It is
+    queued again only when a run of it is lost: a killed worker's trial is retried with the same params
+    (heartbeat or journal reaping), and a worker interrupted in it queues it before exiting."""
+    study.enqueue_trial(values, user_attrs=HAND_SET)
 
 
 class Objective:
@@ -127,7 +123,15 @@ class Objective:
         self.worker = worker_identity()
 
     def __call__(self, trial: optuna.Trial) -> float:
-        trial.set_user_attr(WORKER_ATTR, self.worker)
+        trial.set_user_attr(WORKER_ATTR, {**self.worker, "trial": trial.number})
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:
+            if trial.user_attrs.get("hand_set"):  # the search must still start from the hand-set recipe
+                trial.study.enqueue_trial(defaults(self.space, self.base_raw), user_attrs=HAND_SET)
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.space, self.base_raw)
         start = time.perf_counter()
         epochs_run = 0
@@ -200,9 +204,9 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
                                 params.tune.sampler_seed)
     if created:
         study.set_user_attr("recipe", recipe_fingerprint(base_raw))
+        enqueue_defaults(study, hand_set)
     if is_journal(storage_url):  # no heartbeat: fail and retry the trials of dead local workers
         reap_dead_local_workers(study)
-    enqueue_defaults(study, hand_set, created)
     if sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) >= n_trials:
         return study
     objective = Objective(base_raw, space, patch_set, artifact_dir)

@@ -100,13 +100,38 @@ def test_hand_set_recipe_is_the_first_trial_and_artifacts_are_uploaded(tmp_path,
     assert len(again.trials) == 2
 
 
+def test_hand_set_trial_is_queued_by_the_creator_and_again_only_when_interrupted(tmp_path, train_set, monkeypatch):
+    real = tune.cross_validate
+    calls = {"n": 0}
+
+    def interrupted_first(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # Ctrl-C inside the hand-set trial
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "cross_validate", interrupted_first)
+    raw = base_raw("tune.pruner=none")
+    with pytest.raises(KeyboardInterrupt):
+        _study(tmp_path, raw, 2, train_set)
+    for _ in range(2):  # two workers joining the study at once must not queue it again
+        study = _study(tmp_path, raw, 0, train_set)
+    hand_set = [t for t in study.trials if t.user_attrs.get("hand_set")]
+    assert [t.state for t in hand_set] == [TrialState.FAIL, TrialState.WAITING]
+    study = _study(tmp_path, raw, 2, train_set)
+    hand_set = [t for t in study.trials if t.user_attrs.get("hand_set")]
+    assert [t.state for t in hand_set] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert hand_set[1].params == defaults(parse_space(raw["tune"]["space"]), raw)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
+
+
 def test_pruning_prunes_a_hopeless_trial(tmp_path, train_set):
     raw = base_raw("train.epochs=2", "tune.pruner_startup_trials=1")
     storage = f"sqlite:///{tmp_path}/s.db"
     study = optuna.create_study(study_name=tune.study_name_for("t", raw), storage=storage, direction="maximize")
     space = parse_space(raw["tune"]["space"])
     hand_set = defaults(space, raw)
-    tune.enqueue_defaults(study, hand_set, created=True)
+    tune.enqueue_defaults(study, hand_set)
     # Nothing learns: weights stay at their random start, far below the first trial's running score.
     study.enqueue_trial({**hand_set, "train.lr_head": 1e-4, "train.lr_backbone": 1e-5, "model.fusion": "gated",
                          "loss.target_transform": "raw", "loss.alpha": 0.0})
