@@ -16,6 +16,7 @@ Killed workers:
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import random
@@ -123,24 +124,41 @@ def joining_seed(seed: int, n_trials: int) -> int:
 
 
 def worker_identity() -> dict[str, Any]:
-    """What a trial records about the process running it (user attribute ``worker``): host, pid and
-    process start time (which tells a reused pid apart), and the GPU it was given."""
+    """What a trial records about the process running it (user attribute ``worker``, to which the
+    trial adds its own number): host, pid and process start time (which tells a reused pid apart),
+    and the GPU it was given."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "started": round(psutil.Process(pid).create_time(), 2),
+    return {"host": socket.gethostname(), "pid": pid, "started": process_start(pid),
             "device": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+def process_start(pid: int) -> float:
+    """When ``pid`` started: clock ticks since boot on Linux (immune to wall-clock steps), else the
+    wall-clock start time. Raises psutil.NoSuchProcess when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return float(stat.rpartition(")")[2].split()[19])  # field 22, starttime
+    except FileNotFoundError:
+        raise psutil.NoSuchProcess(pid) from None
+    except (OSError, IndexError, ValueError):
+        return round(psutil.Process(pid).create_time(), 2)
 
 
 def describe(worker: dict) -> str:
     return f"{worker.get('host', '?')}:{worker.get('pid', '?')}"
 
 
-def _process_gone(worker: dict) -> bool:
-    """True when ``worker`` ran on this host and its process no longer exists (a reused pid with
-    another start time counts as gone)."""
+def _left_by_dead_local_worker(trial: FrozenTrial) -> bool:
+    """True when the RUNNING ``trial`` was started by a process on this host that no longer exists (a
+    reused pid with another start time counts as gone). A retry copies the failed trial's attributes,
+    so the ``worker`` attribute counts only when it names this trial."""
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if not isinstance(worker, dict) or worker.get("trial") != trial.number:
+        return False
     if worker.get("host") != socket.gethostname() or not isinstance(worker.get("pid"), int):
         return False
     try:
-        return round(psutil.Process(worker["pid"]).create_time(), 2) != worker.get("started")
+        return process_start(worker["pid"]) != worker.get("started")
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return True
     except psutil.AccessDenied:
@@ -158,7 +176,8 @@ def fail_and_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
         return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial._trial_id))
+        failed = copy.deepcopy(storage.get_trial(trial._trial_id))  # the callback edits its attributes
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, failed)
     return True
 
 
@@ -167,9 +186,9 @@ def reap_dead_local_workers(study: optuna.Study, log: Callable[[str], None] = pr
     stand-in for a heartbeat). Returns the numbers of the trials failed here."""
     reaped = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get(WORKER_ATTR)
-        if isinstance(worker, dict) and _process_gone(worker) and fail_and_retry(study, trial):
-            log(f"trial {trial.number}: its worker {describe(worker)} is gone; marked FAIL and queued again")
+        if _left_by_dead_local_worker(trial) and fail_and_retry(study, trial):
+            worker = describe(trial.user_attrs[WORKER_ATTR])
+            log(f"trial {trial.number}: its worker {worker} is gone; marked FAIL and queued again")
             reaped.append(trial.number)
     return reaped
 
