@@ -42,9 +42,12 @@ def _start(cmd, tmp_path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _load(storage: str, tmp_path: Path, *extra: str) -> optuna.Study:
+def _load(storage, tmp_path: Path, *extra: str) -> optuna.Study:
+    """The test's study from a storage URL or an opened storage."""
     raw = apply_overrides(read_raw(ROOT / "params.yaml"), _sets(tmp_path, *extra))
-    return optuna.load_study(study_name=tune.study_name_for(tmp_path.name, raw), storage=create_storage(storage, 1))
+    if isinstance(storage, str):
+        storage = create_storage(storage, 1)
+    return optuna.load_study(study_name=tune.study_name_for(tmp_path.name, raw), storage=storage)
 
 
 def _storage_url(kind: str, request, tmp_path: Path) -> str:
@@ -57,12 +60,12 @@ def _storage_url(kind: str, request, tmp_path: Path) -> str:
 @pytest.mark.parametrize("kind", ["postgresql", "journal"])
 def test_three_workers_share_one_study(kind, request, tiny_patches, tmp_path):
     storage = _storage_url(kind, request, tmp_path)
-    cmd = _worker_cmd(tiny_patches, tmp_path, storage, 9)
+    cmd = _worker_cmd(tiny_patches, tmp_path, storage, 9, "train.epochs=2")  # trials outlast start-up skew
     workers = [_start(cmd, tmp_path) for _ in range(3)]
     outputs = [w.communicate(timeout=900)[0] for w in workers]
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output
-    study = _load(storage, tmp_path)
+    study = _load(storage, tmp_path, "train.epochs=2")
     finished = [t for t in study.trials if t.state in FINISHED]
     assert 9 <= len(finished) <= 11, [(t.number, t.state) for t in study.trials]
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
@@ -82,11 +85,12 @@ def test_three_workers_share_one_study(kind, request, tiny_patches, tmp_path):
 def _poll(storage: str, tmp_path: Path, extra, until, timeout: float = 300):
     """Load the study repeatedly until ``until(trials)`` holds; the study may not exist yet, or an
     SQLite writer may hold the lock for a moment."""
-    deadline = time.time() + timeout
+    deadline, opened = time.time() + timeout, None
     while time.time() < deadline:
         time.sleep(0.3)
         try:
-            trials = _load(storage, tmp_path, *extra).get_trials(deepcopy=False)
+            opened = opened or create_storage(storage, 1)  # one engine for the whole wait
+            trials = _load(opened, tmp_path, *extra).get_trials(deepcopy=False)
         except Exception:  # noqa: BLE001 - not created yet or locked: poll again
             continue
         if until(trials):
@@ -142,15 +146,17 @@ def test_journal_trials_of_dead_local_workers_are_reaped_others_failed_by_hand(t
                                 direction="maximize")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     me = worker_identity()
-    attrs = {"local dead": {**me, "pid": int(dead.stdout)}, "local alive": me, "other host": {**me, "host": "gpu-node-7"}}
+    attrs = {"local dead": {**me, "pid": int(dead.stdout)}, "local alive": me, "other host": {**me, "host": "gpu-node-7"},
+             "retry of a dead one, just started": {**me, "pid": int(dead.stdout), "trial": -1}}
     trials = {}
     for name, worker in attrs.items():
         trial = study.ask({"loss.alpha": optuna.distributions.FloatDistribution(0, 1)})
-        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("worker", {"trial": trial.number, **worker})
         trials[name] = trial.number
     assert reap_dead_local_workers(study, log=lambda _: None) == [trials["local dead"]]
     states = {name: study.trials[n].state for name, n in trials.items()}
-    assert states == {"local dead": TrialState.FAIL, "local alive": TrialState.RUNNING, "other host": TrialState.RUNNING}
+    assert states == {"local dead": TrialState.FAIL, "local alive": TrialState.RUNNING,
+                      "other host": TrialState.RUNNING, "retry of a dead one, just started": TrialState.RUNNING}
 
     args = ["--storage", storage, "--study", "j", "--params", str(ROOT / "params.yaml"),
             *[a for item in FAST for a in ("--set", item)]]
@@ -216,3 +222,37 @@ def test_an_unusable_storage_is_a_one_line_error_and_writes_nothing(url, message
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def _open_storage_in_worker(url, barrier, results):
+    barrier.wait(timeout=120)
+    try:
+        create_storage(url, 60)
+        results.put("ok")
+    except SystemExit as err:  # noqa: BLE001 - report, do not hang the parent
+        results.put(f"exit {err.code}")
+    except Exception as err:  # noqa: BLE001
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def test_workers_opening_an_empty_postgresql_database_at_once_all_get_the_storage(postgres_url):
+    """They race to create Optuna's tables; PostgreSQL fails all but one, and those retry."""
+    import multiprocessing
+
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text("CREATE DATABASE race"))
+    engine.dispose()
+    url = postgres_url.rsplit("/", 1)[0] + "/race"
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    workers = [ctx.Process(target=_open_storage_in_worker, args=(url, barrier, results)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=180) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert outcomes == ["ok"] * 4, outcomes
+    assert optuna.get_all_study_names(create_storage(url, 60)) == []
