@@ -22,11 +22,14 @@ $(VENV)/.torch-installed: | $(BIN)/python
 
 # torchsort builds a CUDA extension whenever `nvcc` is on PATH; without a CUDA device (or where
 # libcudart cannot be linked) that build fails, so nvcc is hidden and the CPU-only extension built.
-# TORCHSORT_CUDA=1 insists on the CUDA extension (an image built with nvcc but no GPU attached).
+# TORCHSORT_CUDA=1 insists on the CUDA extension (an image or a login node with nvcc but no GPU:
+# the GPU architectures to compile for then come from TORCH_CUDA_ARCH_LIST).
 TORCHSORT_CUDA ?= auto
+TORCH_CUDA_ARCH_LIST ?= 8.0;8.6;8.9;9.0+PTX
 $(VENV)/.torchsort-installed: $(VENV)/.torch-installed
 	@if [ "$(TORCHSORT_CUDA)" = 1 ]; then \
-	  $(BIN)/pip install --no-build-isolation $(TORCHSORT) && echo "torchsort: built with CUDA"; \
+	  TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" $(BIN)/pip install --no-build-isolation $(TORCHSORT) \
+	    && echo "torchsort: built with CUDA for $(TORCH_CUDA_ARCH_LIST)"; \
 	elif [ "$(TORCHSORT_CUDA)" = auto ] \
 	   && $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
 	   && $(BIN)/pip install --no-build-isolation $(TORCHSORT); then \

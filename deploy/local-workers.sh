@@ -16,7 +16,7 @@ python="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo py
 
 gpus=()
 if command -v nvidia-smi >/dev/null 2>&1; then
-  mapfile -t gpus < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true)
+  mapfile -t gpus < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | grep -E '^[0-9]+$' || true)
 fi
 workers="${WORKERS:-${#gpus[@]}}"
 [ "$workers" -gt 0 ] || workers=2
@@ -27,7 +27,13 @@ args=(--storage "$storage")
 [ -n "${STUDY:-}" ] && args+=(--study "$STUDY")
 logs="${LOG_DIR:-studies/logs}"
 mkdir -p "$logs"
+# Job control: each worker runs in its own process group and handles SIGINT from its first moment
+# (bash would start background commands of a script with SIGINT ignored). Ctrl-C or TERM reaches the
+# script, which passes Ctrl-C on to every worker: each marks its running trial failed and exits.
+set -m
 pids=()
+stop() { kill -INT "${pids[@]}" 2>/dev/null || true; }
+trap stop INT TERM
 for ((i = 0; i < workers; i++)); do
   device=""
   [ "${#gpus[@]}" -gt 0 ] && device="${gpus[$((i % ${#gpus[@]}))]}"
@@ -37,18 +43,12 @@ for ((i = 0; i < workers; i++)); do
   where="CPU, $threads threads"; [ -n "$device" ] && where="GPU $device"
   echo "worker $i: pid $!, $where, log $logs/worker-$i.log"
 done
-# Ctrl-C reaches the workers directly (one process group): each marks its running trial failed and
-# exits; this script waits for them. TERM (a scheduler stopping the script) is passed on as Ctrl-C.
-trap ':' INT
-trap 'kill -INT "${pids[@]}" 2>/dev/null || true' TERM
 status=0
 for pid in "${pids[@]}"; do
-  while true; do
-    rc=0; wait "$pid" || rc=$?
-    kill -0 "$pid" 2>/dev/null || break  # still running: the wait was cut short by a signal
-  done
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done  # a trapped signal cuts wait short
+  rc=0; wait "$pid" || rc=$?  # the worker's own exit status
   [ "$rc" -eq 0 ] || status=$rc
 done
 echo "workers done (exit $status); last worker's summary:"
-tail -n 4 "$logs/worker-$((workers - 1)).log"
+tail -n 4 "$logs/worker-$((workers - 1)).log" || true
 exit "$status"

@@ -53,7 +53,7 @@ def test_slurm_array_task_runs_a_worker(postgres_url, tiny_patches, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     srun = bin_dir / "srun"  # inside an allocation srun starts the task; here it just runs it
-    srun.write_text('#!/bin/sh\nexec "$@"\n')
+    srun.write_text('#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n')  # drop srun options
     srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(ROOT),
            "SLURM_CPUS_PER_TASK": "1", "TMPDIR": str(tmp_path), "TRIALS": "2", "OPTUNA_STORAGE": postgres_url,
