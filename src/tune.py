@@ -13,6 +13,7 @@ param other than tune.trials/study/storage/timeout_s/heartbeat_s and train.cache
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import signal
@@ -52,22 +53,37 @@ TRIAL_ERRORS = (RuntimeError, ValueError, ArithmeticError, MemoryError)
 
 
 class InterruptFlag:
-    """Ctrl-C that cannot be lost. Python may raise the KeyboardInterrupt inside a finalizer, where
-    it is swallowed; the flag survives and is re-raised at the next epoch or trial boundary."""
+    """Ctrl-C that cannot be lost and never lands inside Optuna's own bookkeeping.
+
+    Inside a trial's objective (``raising()``) Ctrl-C raises KeyboardInterrupt at once: Optuna marks
+    the trial FAIL. Elsewhere (Optuna recording a result, sampling the next trial) it only sets the
+    flag, which ``check`` turns into KeyboardInterrupt at the next epoch or trial boundary. The flag
+    also survives a KeyboardInterrupt that Python raised inside a finalizer, where it is swallowed."""
 
     def __init__(self):
         self.requested = False
+        self.armed = False
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        raise KeyboardInterrupt
+        if self.armed:
+            raise KeyboardInterrupt
 
     def check(self, *_args) -> None:
         if self.requested:
             raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def raising(self):
+        self.check()
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
 
 
 INTERRUPT = InterruptFlag()
@@ -125,7 +141,8 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, {**self.worker, "trial": trial.number})
         try:
-            return self._run(trial)
+            with INTERRUPT.raising():
+                return self._run(trial)
         except KeyboardInterrupt:
             if trial.user_attrs.get("hand_set"):  # the search must still start from the hand-set recipe
                 trial.study.enqueue_trial(defaults(self.space, self.base_raw), user_attrs=HAND_SET)

@@ -179,6 +179,19 @@ def test_best_params_rebuild_the_best_config(tmp_path):
         tune.params_for_best(best, raw)
 
 
+def test_ctrl_c_raises_inside_a_trial_and_waits_for_the_boundary_elsewhere():
+    flag = tune.InterruptFlag()
+    flag._handle(signal.SIGINT, None)  # Optuna recording a result: must not be cut short
+    assert flag.requested
+    with pytest.raises(KeyboardInterrupt):  # the next boundary (callback, epoch, trial start) raises
+        flag.check()
+    flag = tune.InterruptFlag()
+    with pytest.raises(KeyboardInterrupt):
+        with flag.raising():  # inside the objective: at once
+            flag._handle(signal.SIGINT, None)
+    assert not flag.armed
+
+
 def _tune_cmd(tiny_patches, tmp_path, trials):
     return [sys.executable, "-m", "src.tune", "--trials", str(trials), "--study", "cli",
             "--storage", f"sqlite:///{tmp_path}/cli.db", "--patches", str(tiny_patches / "patches"),
