@@ -100,17 +100,21 @@ def test_hand_set_recipe_is_the_first_trial_and_artifacts_are_uploaded(tmp_path,
     assert len(again.trials) == 2
 
 
-def test_hand_set_trial_is_queued_by_the_creator_and_again_only_when_interrupted(tmp_path, train_set, monkeypatch):
-    real = tune.cross_validate
-    calls = {"n": 0}
+def _fail_on_call(monkeypatch, n: int, error: BaseException) -> None:
+    """The ``n``-th trial's training raises ``error``; the others train as usual."""
+    real, calls = tune.cross_validate, {"n": 0}
 
-    def interrupted_first(*args, **kwargs):
+    def wrapped(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt  # Ctrl-C inside the hand-set trial
+        if calls["n"] == n:
+            raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tune, "cross_validate", interrupted_first)
+    monkeypatch.setattr(tune, "cross_validate", wrapped)
+
+
+def test_hand_set_trial_is_queued_by_the_creator_and_again_only_when_interrupted(tmp_path, train_set, monkeypatch):
+    _fail_on_call(monkeypatch, 1, KeyboardInterrupt())  # Ctrl-C inside the hand-set trial
     raw = base_raw("tune.pruner=none")
     with pytest.raises(KeyboardInterrupt):
         _study(tmp_path, raw, 2, train_set)
@@ -142,16 +146,7 @@ def test_pruning_prunes_a_hopeless_trial(tmp_path, train_set):
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, train_set, monkeypatch):
-    real = tune.cross_validate
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tune, "cross_validate", flaky)
+    _fail_on_call(monkeypatch, 2, RuntimeError("CUDA out of memory (simulated)"))
     study = _study(tmp_path, base_raw("tune.pruner=none"), 3, train_set)
     states = [t.state for t in study.trials]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3
