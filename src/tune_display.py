@@ -66,22 +66,26 @@ class StudyMonitor:
         else:
             self.live.__exit__(*exc)
 
-    def show(self, study) -> None:
-        rendered = self._render(study.get_trials(deepcopy=False))
+    def show(self, study) -> list:
+        trials = study.get_trials(deepcopy=False)
+        rendered = self._render(trials)
         if not self.lines:
             self.live.update(rendered)
+        return trials
 
     def __call__(self, study, trial) -> None:
-        self.show(study)
+        trials = self.show(study)
         if self.lines:
-            if trial.state.name == "COMPLETE":
-                value = f" {trial.value:.4f}"
-            elif trial.state.name == "PRUNED":  # its value is a running score, not comparable to the best
-                value = f" after {trial.user_attrs.get('epochs_run', '?')} epochs"
-            else:
-                value = f" ({trial.user_attrs.get('fail_reason', 'interrupted')})"
-            best = study.best_value if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else None
-            self.console.print(f"trial {trial.number} {trial.state.name.lower()}{value} | best "
-                               f"{'-' if best is None else f'{best:.4f}'} | "
-                               f"{self.progress.tasks[0].completed}/{self.progress.tasks[0].total} finished",
-                               soft_wrap=True)
+            self.console.print(self._line(trial, trials), soft_wrap=True)
+
+    def _line(self, trial, trials: list) -> str:
+        if trial.state.name == "COMPLETE":
+            outcome = f" {trial.value:.4f}"
+        elif trial.state.name == "PRUNED":  # its value is a running score, not comparable to the best
+            outcome = f" after {trial.user_attrs.get('epochs_run', '?')} epochs"
+        else:
+            outcome = f" ({trial.user_attrs.get('fail_reason', 'interrupted')})"
+        best = max((t.value for t in trials if t.state.name == "COMPLETE"), default=None)
+        task = self.progress.tasks[0]
+        return (f"trial {trial.number} {trial.state.name.lower()}{outcome} | best "
+                f"{'-' if best is None else f'{best:.4f}'} | {task.completed}/{task.total} finished")
