@@ -30,7 +30,8 @@ def bench_stain(size: int = 2000, repeats: int = 3, seed: int = 0) -> dict:
     from src.stain import StainNormalizer
     from src.synthetic import simulate
 
-    cfg = SimulateConfig(seed=seed, n_train=2, n_test=0, size=size, pitch=25.0, n_types=35, max_offset=0)
+    cfg = SimulateConfig(seed=seed, n_train=2, n_test=0, size=size, pitch=25.0, n_types=35,
+                         tissue_extent=[1.0, 1.0], offsets=[[0, 0], [0, 0]])
     slides, _ = simulate(replace(cfg))
     reference, source = [(s.image * 255).round().astype(np.uint8) for _, _, s in slides]
     results = {}
@@ -141,7 +142,6 @@ def bench_pruning(overrides: list[str], patches: str, cache_dir: str, trials: in
 
 def print_trial(results: dict, pruning: dict | None) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=110)
     if results:

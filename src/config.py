@@ -33,7 +33,9 @@ class SimulateConfig:
     size: int  # slide edge in pixels (real slides are about 2000)
     pitch: float  # hexagonal spot pitch in pixels (Visium at this scale: about 25)
     n_types: int  # number of cell types (the competition has 35)
-    max_offset: int  # per-slide spot misregistration drawn from [-max_offset, max_offset] px; 0 = none
+    tissue_extent: list[float]  # [low, high] tissue radius relative to the slide, drawn per slide
+    offsets: list[list[int]] = field(default_factory=list)  # [dx, dy] misregistration of training slide i
+    # (the correction that maps stored spots back onto the tissue, as patches.offsets); test slides are aligned
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,10 @@ class StainConfig:
 @dataclass(frozen=True)
 class PatchesConfig:
     size: int  # patch edge in pixels, centred on the spot (competition scale: 224-400)
-    offsets: dict[str, list[int]] = field(default_factory=dict)  # slide -> [dx, dy] added to spot x, y
+    registration: str  # auto: estimate each training slide's spot misregistration (dx, dy); none: trust x, y
+    max_shift_px: int  # the estimate searches shifts up to this many px per axis (100 = 4 spot pitches)
+    offsets: dict[str, list[int]] = field(default_factory=dict)  # slide -> hand-set [dx, dy] added to spot
+    # x, y; overrides the estimate for that slide
 
 
 @dataclass(frozen=True)

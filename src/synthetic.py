@@ -3,14 +3,21 @@
 Tissue is rendered as stain concentrations (haematoxylin in nuclei, eosin in cytoplasm/stroma) and
 turned into RGB through the Beer-Lambert law with per-slide stain vectors and intensities, so stain
 normalization matters. Each slide is a mosaic of compartments (tumour epithelium, stroma, immune
-aggregate, fat, necrosis) with their own morphology and cell-type profile. Spots lie on a hexagonal
-lattice inside tissue; their abundances follow the compartments and cell density around them (a
-strong common ranking of cell types shared by all compartments, so the mean-profile floor is high,
-as in real data), with multiplicative noise and dropout zeros.
+aggregate, fat, necrosis) with their own morphology, in proportions and tissue extents that differ
+between slides. Spots lie on a hexagonal lattice inside tissue.
+
+Abundances mimic deconvolved cell counts as the competition's are: about 9 cells per spot, strictly
+positive, spanning about ten decades. Most cell types live everywhere (a common ranking, so the
+training mean profile already scores ~0.55); the others live in one or two compartments and sink
+2-4 decades elsewhere (bimodal within-spot ranks: what the image can tell). On each slide a third of
+the types rise or fall up to 6x beyond what the tissue explains, a smooth field that the image does
+not show moves every type a little, and measurement noise widens for rare types. The training slides'
+stored spot coordinates are misregistered by ``simulate.offsets`` (the test slides are aligned).
 
 ``python -m src.synthetic`` writes ``data/simulated.h5`` and ``data/simulated_truth.h5``: the truth
-holds every spot's observed abundances (the Test slides' hidden labels) and their noise-free
-expectation, so later stages can report a test score, the floor and the ceiling.
+holds every spot's observed abundances (the Test slides' hidden labels), their noise-free
+expectation and each slide's offset, so later stages can report a test score, the floor and the
+ceiling, and check the registration.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
 from src.config import SimulateConfig, add_params_arguments, load_params
-from src.errors import exit_on_input_error
+from src.errors import InputError, exit_on_input_error
 from src.io_utils import atomic_path
 from src.slides import image_chunks
 
@@ -32,7 +39,23 @@ from src.slides import image_chunks
 H_VECTOR = np.array([0.65, 0.70, 0.29])
 E_VECTOR = np.array([0.07, 0.99, 0.11])
 SPOT_RADIUS = 13.0  # px: spot diameter about 26 px (55 um) at the competition scale
-
+# Abundance model, calibrated to the real competition data's printed statistics (README "Embedded
+# default"): strictly positive, ~10 decades, ~9 cells per spot, floor ~0.55, strong slide effects.
+CELLS_PER_SPOT = 9.0  # mean summed abundance of a spot of mean cell density (real: about 8.9)
+LEVEL_LOG_MEAN, LEVEL_LOG_SD = -1.5, 1.0  # log-normal level of a type where it lives (before scaling)
+UBIQUITOUS_SHARE = 0.6  # types present in every compartment; the others live in one or two
+COMPARTMENT_GAIN_SD = 0.5  # log-scale sd of a type's level between compartments where it lives
+RESIDUE_DECADES = (-3.0, -1.5)  # where a region-specific type is absent: decades below its level
+COMPARTMENT_MIX_SD = 1.4  # log-scale sd of a compartment's frequency between slides
+SLIDE_EFFECT_SHARE = 0.35  # types whose abundance differs between slides beyond the tissue mix
+SLIDE_EFFECT_SD = 1.2  # log-scale sd of that difference
+MAX_SLIDE_EFFECT = 1.8  # capped at e^1.8 = 6x either way
+MAX_DENSITY_SCALE = 2.5  # the densest spots hold at most 2.5x the cells of a mean one
+HIDDEN_SD = 0.6  # log-scale sd of abundance variation that the image does not show
+HIDDEN_SCALE_PX = 75.0  # its spatial scale (three spot pitches)
+PRESENT_NOISE_SD = 0.7  # log-scale measurement noise where a type is present
+RESIDUE_NOISE_SD_PER_DECADE = 0.5  # ... growing with each decade below the type's peak
+MAX_NOISE_SD = 2.0
 
 @dataclass(frozen=True)
 class Compartment:
@@ -65,15 +88,48 @@ class SimulatedSlide:
     offset: tuple[int, int]  # (dx, dy) that maps stored coordinates back onto the tissue
 
 
-def cell_type_profiles(rng: np.random.Generator, n_types: int) -> np.ndarray:
-    """Per-compartment mean abundance of each cell type, K x T."""
-    # Shared ranking: a steep log-normal mean profile, as real cell-type abundances are.
-    base = np.sort(np.exp(rng.normal(0.0, 1.1, n_types)))[::-1]
-    profiles = base[None, :] * np.exp(rng.normal(0.0, 0.45, (len(COMPARTMENTS), n_types)))
-    for k in range(len(COMPARTMENTS)):
-        markers = rng.choice(n_types, size=4, replace=False)
-        profiles[k, markers] *= rng.uniform(3.0, 8.0, size=4)
-    return profiles / profiles.sum(axis=1, keepdims=True) * 12.0
+@dataclass(frozen=True)
+class CellTypes:
+    """What each compartment holds: ``profiles[k, t]`` is the abundance of type t in a spot fully
+    covered by compartment k at median cell density."""
+
+    profiles: np.ndarray  # K x T
+    specific: np.ndarray  # T bool: present in one or two compartments only (region-specific)
+
+
+def cell_types(rng: np.random.Generator, n_types: int) -> CellTypes:
+    """A quarter of the types live everywhere (always mid-to-high within a spot); the others live in one
+    or two compartments and drop 3-5 decades elsewhere, so their within-spot rank is bimodal and they
+    carry most of what the image can tell. Levels are log-normal: a few types reach tens of cells."""
+    level = np.exp(rng.normal(LEVEL_LOG_MEAN, LEVEL_LOG_SD, n_types))
+    specific = np.ones(n_types, dtype=bool)
+    specific[rng.choice(n_types, max(1, round(UBIQUITOUS_SHARE * n_types)), replace=False)] = False
+    present = np.zeros((len(COMPARTMENTS), n_types), dtype=bool)
+    present[:, ~specific] = True
+    for t in np.flatnonzero(specific):
+        homes = rng.choice(len(COMPARTMENTS), rng.choice([1, 1, 2]), replace=False)
+        present[homes, t] = True
+    background = 10.0 ** rng.uniform(*RESIDUE_DECADES, n_types)  # absent: cell2location-style residue
+    gain = np.exp(rng.normal(0.0, COMPARTMENT_GAIN_SD, present.shape))
+    profiles = level[None, :] * np.where(present, gain, background[None, :])
+    return CellTypes(profiles * CELLS_PER_SPOT / profiles.sum(axis=1).mean(), specific)
+
+
+@dataclass(frozen=True)
+class SlideStyle:
+    """What differs between slides besides the tissue itself."""
+
+    compartment_weights: np.ndarray  # K: how common each compartment is on this slide
+    extent: float  # tissue radius relative to the slide (spot counts differ several-fold)
+    type_effect: np.ndarray  # T log-factors: a few types are much more or less abundant on this slide
+
+
+def slide_style(rng: np.random.Generator, n_types: int, extent: list[float]) -> SlideStyle:
+    weights = np.array([c.frequency for c in COMPARTMENTS]) * np.exp(rng.normal(0.0, COMPARTMENT_MIX_SD, len(COMPARTMENTS)))
+    effect = np.zeros(n_types)
+    shifted = rng.choice(n_types, max(1, round(SLIDE_EFFECT_SHARE * n_types)), replace=False)
+    effect[shifted] = np.clip(rng.normal(0.0, SLIDE_EFFECT_SD, len(shifted)), -MAX_SLIDE_EFFECT, MAX_SLIDE_EFFECT)
+    return SlideStyle(weights, float(rng.uniform(*extent)), effect)
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -83,13 +139,13 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     return (field - field.mean()) / (field.std() + 1e-12)
 
 
-def _tissue_and_compartments(rng, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _tissue_and_compartments(rng, size: int, style: SlideStyle) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    radial = -2.5 * (xx**2 + yy**2) / 0.25
+    radial = -2.5 * (xx**2 + yy**2) / (0.25 * style.extent**2)
     tissue = _smooth_field(rng, (size, size), size / 10) + radial + 1.3 > 0
     tissue = ndimage.binary_opening(tissue, iterations=3)
     scores = np.stack(
-        [_smooth_field(rng, (size, size), size / 18) + np.log(c.frequency) for c in COMPARTMENTS]
+        [_smooth_field(rng, (size, size), size / 18) + np.log(w) for w in style.compartment_weights]
     )
     return tissue, np.argmax(scores, axis=0)
 
@@ -141,9 +197,10 @@ def _render_fat(rng, region: np.ndarray) -> np.ndarray:
     return eosin
 
 
-def render_slide(rng: np.random.Generator, size: int, profiles: np.ndarray, pitch: float,
-                 max_offset: int) -> SimulatedSlide:
-    tissue, comp_map = _tissue_and_compartments(rng, size)
+def render_slide(rng: np.random.Generator, size: int, types: CellTypes, style: SlideStyle, pitch: float,
+                 offset: tuple[int, int] = (0, 0)) -> SimulatedSlide:
+    """One slide: tissue image, spots (stored misregistered by ``offset``) and their abundances."""
+    tissue, comp_map = _tissue_and_compartments(rng, size, style)
     haematoxylin = np.zeros((size, size))
     eosin = np.zeros((size, size))
     impulses = np.zeros((size, size))
@@ -174,15 +231,33 @@ def render_slide(rng: np.random.Generator, size: int, profiles: np.ndarray, pitc
     image = np.clip(image, 0.0, 1.0).astype(np.float32)
 
     x, y = _spot_lattice(rng, tissue, pitch)
-    expected = _expected_abundance(comp_map, tissue, impulses, profiles, x, y)
-    noise = np.exp(rng.normal(0.0, 0.35, expected.shape))
-    dropout = rng.random(expected.shape) < np.exp(-expected / 0.05)  # rare types drop to zero
-    observed = np.where(dropout, 0.0, expected * noise)
+    dx, dy = offset
+    # Stored coordinates are misregistered; spots whose stored position leaves the image are not
+    # part of the table (a real export holds only spots inside the image).
+    inside = (x - dx >= 0) & (x - dx < size) & (y - dy >= 0) & (y - dy < size)
+    x, y = x[inside], y[inside]
+    expected, peak = _expected_abundance(comp_map, tissue, impulses, types, style, x, y)
+    expected *= np.exp(HIDDEN_SD * _hidden_fields(rng, size, types.profiles.shape[1], x, y) - HIDDEN_SD**2 / 2)
+    sd = _noise_sd(expected, peak)
+    observed = expected * np.exp(rng.standard_normal(expected.shape) * sd - sd**2 / 2)  # mean-preserving
+    return SimulatedSlide(image, x - dx, y - dy, observed, expected, (int(dx), int(dy)))
 
-    dx, dy = (rng.integers(-max_offset, max_offset + 1, 2) if max_offset > 0 else (0, 0))
-    stored_x = np.clip(x - dx, 0, size - 1)
-    stored_y = np.clip(y - dy, 0, size - 1)
-    return SimulatedSlide(image, stored_x, stored_y, observed, expected, (int(dx), int(dy)))
+
+def _hidden_fields(rng, size: int, n_types: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """N x T smooth unit-variance fields over the slide, one per type, sampled at the spots: what
+    changes a type's abundance without changing the tissue's look (cell states that H&E does not
+    show). Neighbouring spots share it; the image does not."""
+    cell = 8  # px per grid cell: the fields vary over ~HIDDEN_SCALE_PX, far above a cell
+    grid = -(-size // cell)
+    fields = np.stack([_smooth_field(rng, (grid, grid), HIDDEN_SCALE_PX / cell) for _ in range(n_types)], axis=-1)
+    return fields[np.minimum(y // cell, grid - 1), np.minimum(x // cell, grid - 1)]
+
+
+def _noise_sd(expected: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """Log-scale noise: moderate where a type is present, wide where it is only a residue (real
+    deconvolved abundances span about 8 decades, down to ~1e-10, with no exact zeros)."""
+    decades_below_peak = np.clip(-np.log10(expected / peak[None, :]), 0.0, None)
+    return np.minimum(PRESENT_NOISE_SD + RESIDUE_NOISE_SD_PER_DECADE * decades_below_peak, MAX_NOISE_SD)
 
 
 def _spot_lattice(rng, tissue: np.ndarray, pitch: float) -> tuple[np.ndarray, np.ndarray]:
@@ -203,8 +278,10 @@ def _spot_lattice(rng, tissue: np.ndarray, pitch: float) -> tuple[np.ndarray, np
     return x[keep], y[keep]
 
 
-def _expected_abundance(comp_map, tissue, impulses, profiles, x, y) -> np.ndarray:
-    """Noise-free abundance: compartment mix and cell density around each spot."""
+def _expected_abundance(comp_map, tissue, impulses, types: CellTypes, style: SlideStyle, x, y
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Noise-free abundance from the compartment mix and cell density around each spot, with this
+    slide's type effects; also each type's peak (a spot fully inside its richest compartment)."""
     sigma = SPOT_RADIUS * 0.8
     fractions = np.stack([
         ndimage.gaussian_filter(((comp_map == k) & tissue).astype(float), sigma)[y, x]
@@ -212,19 +289,32 @@ def _expected_abundance(comp_map, tissue, impulses, profiles, x, y) -> np.ndarra
     ], axis=1)
     fractions /= fractions.sum(axis=1, keepdims=True) + 1e-12
     density = ndimage.gaussian_filter(impulses, sigma)[y, x]
-    density_scale = 0.35 + density / (np.median(density) + 1e-12)
-    return (fractions @ profiles) * density_scale[:, None]
+    density_scale = np.minimum(0.35 + 0.65 * density / (density.mean() + 1e-12), MAX_DENSITY_SCALE)  # mean ~1
+    profiles = types.profiles * np.exp(style.type_effect)[None, :]
+    # A spot holds about as many cells on every slide: types that rise crowd the others out.
+    profiles *= types.profiles.sum(axis=1, keepdims=True) / profiles.sum(axis=1, keepdims=True)
+    expected = (fractions @ profiles) * density_scale[:, None]
+    return expected, profiles.max(axis=0)
 
 
 def simulate(cfg: SimulateConfig) -> tuple[list[tuple[str, str, SimulatedSlide]], list[str]]:
     """All slides as (split, name, slide), plus the cell-type names."""
+    if len(cfg.offsets) < cfg.n_train:
+        raise InputError(f"params: simulate.offsets lists {len(cfg.offsets)} shifts for "
+                         f"simulate.n_train = {cfg.n_train} training slides (one [dx, dy] each)")
+    if len(cfg.tissue_extent) != 2 or not 0 < cfg.tissue_extent[0] <= cfg.tissue_extent[1]:
+        raise InputError(f"params: simulate.tissue_extent = {cfg.tissue_extent}: expected [low, high], 0 < low <= high")
+    for i, offset in enumerate(cfg.offsets):
+        if len(offset) != 2:
+            raise InputError(f"params: simulate.offsets[{i}] = {offset}: expected [dx, dy]")
     rng = np.random.default_rng(cfg.seed)
-    profiles = cell_type_profiles(rng, cfg.n_types)
+    types = cell_types(rng, cfg.n_types)
     names = [f"C{i + 1}" for i in range(cfg.n_types)]
     slides = []
     for i in range(cfg.n_train + cfg.n_test):
         split = "Train" if i < cfg.n_train else "Test"
-        slide = render_slide(rng, cfg.size, profiles, cfg.pitch, cfg.max_offset)
+        offset = tuple(cfg.offsets[i]) if split == "Train" else (0, 0)
+        slide = render_slide(rng, cfg.size, types, slide_style(rng, cfg.n_types, cfg.tissue_extent), cfg.pitch, offset)
         slides.append((split, f"S_{i + 1}", slide))
     return slides, names
 

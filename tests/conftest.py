@@ -13,7 +13,8 @@ from src.config import SimulateConfig
 from src.synthetic import simulate, write_layout
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = SimulateConfig(seed=3, n_train=2, n_test=1, size=240, pitch=25.0, n_types=35, max_offset=0)
+TINY = SimulateConfig(seed=3, n_train=2, n_test=1, size=240, pitch=25.0, n_types=35, tissue_extent=[0.8, 1.1],
+                      offsets=[[0, 0], [0, 0]])
 
 
 @pytest.fixture(scope="session")
@@ -71,9 +72,21 @@ def tiny_patches(tiny_dataset, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("stages")
     normalize_file(tiny_dataset[0], folder / "normalized", StainConfig("vahadane", "", True, 20_000, 0),
                    log=lambda _: None)
-    extract_patches(folder / "normalized" / SLIDES_FILE, folder / "patches", PatchesConfig(32, {}),
+    extract_patches(folder / "normalized" / SLIDES_FILE, folder / "patches", PatchesConfig(32, "auto", 100, {}),
                     log=lambda _: None)
     return folder
+
+
+def study_named(storage, name: str):
+    """The one study ``name`` in a storage (URL or opened), whatever its hash suffix."""
+    import optuna
+
+    from src.storage import create_storage
+
+    storage = create_storage(storage, 60) if isinstance(storage, str) else storage
+    names = [n for n in optuna.get_all_study_names(storage) if n.startswith(f"{name}-")]
+    assert len(names) == 1, names
+    return optuna.load_study(study_name=names[0], storage=storage)
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def normalized(tiny_dataset, tmp_path_factory):
 
 def test_patch_stage_writes_memmappable_arrays_and_spot_tables(normalized, tmp_path):
     out = tmp_path / "patches"
-    extract_patches(normalized / SLIDES_FILE, out, PatchesConfig(size=16, offsets={"S_2": [2, -1]}),
+    extract_patches(normalized / SLIDES_FILE, out, PatchesConfig(size=16, registration="auto", max_shift_px=100, offsets={"S_2": [2, -1]}),
                     log=lambda _: None)
     train = np.load(out / "train.npy", mmap_mode="r")
     spots = pd.read_csv(out / "train_spots.csv")
@@ -63,7 +63,7 @@ def test_patch_stage_writes_memmappable_arrays_and_spot_tables(normalized, tmp_p
 def test_unknown_offset_slide_is_an_error_and_writes_nothing(normalized, tmp_path):
     out = tmp_path / "patches"
     with pytest.raises(InputError, match=r"patches.offsets.S_9: no such slide"):
-        extract_patches(normalized / SLIDES_FILE, out, PatchesConfig(16, {"S_9": [1, 1]}), log=print)
+        extract_patches(normalized / SLIDES_FILE, out, PatchesConfig(16, "auto", 100, {"S_9": [1, 1]}), log=print)
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
