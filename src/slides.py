@@ -71,8 +71,17 @@ def target_names(fields: tuple[str, ...] | list[str]) -> list[str]:
 
 
 def read_spots(h5: h5py.File, ref: SlideRef) -> pd.DataFrame:
-    """The spot table of one slide as a DataFrame (one row per spot, file order)."""
-    return pd.DataFrame(h5[ref.spots_key][()])
+    """The spot table of one slide as a DataFrame (one row per spot, file order). Float coordinates
+    (as spatial tables exported from scanpy/squidpy hold) are rounded to whole pixels."""
+    frame = pd.DataFrame(h5[ref.spots_key][()])
+    for coord in COORDS:
+        frame[coord] = round_coordinates(frame[coord].to_numpy())
+    return frame
+
+
+def round_coordinates(values: np.ndarray) -> np.ndarray:
+    """Pixel coordinates as int64: floats are rounded half to even (numpy's rint)."""
+    return np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values.astype(np.int64)
 
 
 def read_image_uint8(h5: h5py.File, ref: SlideRef) -> np.ndarray:

@@ -29,6 +29,8 @@ class SlideSummary:
     target_mean: float  # mean abundance over spots and cell types (nan for Test)
     target_max: float
     zero_fraction: float
+    target_min: float  # smallest abundance (nan for Test)
+    coordinate_rounding: float  # largest |x - round(x)|, |y - round(y)| (float coordinates); 0 for integers
 
 
 def validate_file(path: str | Path) -> list[SlideSummary]:
@@ -88,7 +90,7 @@ def _check_slide(path: Path, h5: h5py.File, ref: SlideRef) -> SlideSummary:
     spots = spots_ds[()]
     if len(spots) == 0:
         raise InputError(f"{where}: slide has zero spots")
-    _check_coordinates(where, spots, height, width)
+    rounding = _check_coordinates(where, spots, height, width)
 
     targets = tuple(target_names(fields)) if ref.split == "Train" else ()
     if ref.split == "Train" and not targets:
@@ -107,6 +109,8 @@ def _check_slide(path: Path, h5: h5py.File, ref: SlideRef) -> SlideSummary:
         target_mean=float(values.mean()) if values.size else float("nan"),
         target_max=float(values.max()) if values.size else float("nan"),
         zero_fraction=float((values == 0).mean()) if values.size else float("nan"),
+        target_min=float(values.min()) if values.size else float("nan"),
+        coordinate_rounding=rounding,
     )
 
 
@@ -137,21 +141,28 @@ def _numeric(where: str, spots: np.ndarray, name: str) -> np.ndarray:
     return column.astype(np.float64)
 
 
-def _check_coordinates(where: str, spots: np.ndarray, height: int, width: int) -> None:
+def _check_coordinates(where: str, spots: np.ndarray, height: int, width: int) -> float:
+    """Coordinates must lie in the image and be distinct once rounded to whole pixels (as every
+    stage reads them); returns the largest rounding (0 for integer coordinates)."""
     x, y = _numeric(where, spots, "x"), _numeric(where, spots, "y")
     for name, values, limit in (("x", x, width), ("y", y, height)):
-        bad = ~np.isfinite(values) | (values < 0) | (values >= limit)
+        bad = ~np.isfinite(values)
+        bad[~bad] = (np.rint(values[~bad]) < 0) | (np.rint(values[~bad]) >= limit)
         if bad.any():
             i = int(np.argmax(bad))
             raise InputError(
                 f"{where}: spot {i} field '{name}' = {values[i]:g} outside the image "
                 f"(0..{limit - 1})"
             )
-    pairs = np.stack([x, y], axis=1)
+    pairs = np.stack([np.rint(x), np.rint(y)], axis=1)
     _, first_index, counts = np.unique(pairs, axis=0, return_index=True, return_counts=True)
     if (counts > 1).any():
         i = int(first_index[np.argmax(counts > 1)])
-        raise InputError(f"{where}: duplicate spot coordinates x={x[i]:g}, y={y[i]:g}")
+        j = int(np.flatnonzero((pairs == pairs[i]).all(axis=1))[1])
+        rounded = " once rounded to whole pixels" if (x != np.rint(x)).any() or (y != np.rint(y)).any() else ""
+        raise InputError(f"{where}: spots {i} and {j} share the coordinates x={pairs[i, 0]:g}, "
+                         f"y={pairs[i, 1]:g}{rounded} (duplicate spot coordinates)")
+    return float(max(np.abs(x - np.rint(x)).max(), np.abs(y - np.rint(y)).max()))
 
 
 def _check_targets(where: str, values: np.ndarray, targets: tuple[str, ...]) -> None:
@@ -172,8 +183,9 @@ def print_summary(path: Path, summaries: list[SlideSummary]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=max(Console().width, 100))
     table = Table(title=f"{path}: {len(summaries)} slides", title_justify="left")
-    for column in ("slide", "split", "H x W", "dtype", "spots", "cell types", "mean", "max", "zeros"):
+    for column in ("slide", "split", "H x W", "dtype", "spots", "cell types", "min", "mean", "max", "zeros"):
         table.add_column(column, justify="left" if column in ("slide", "split") else "right")
     for s in summaries:
         is_train = s.ref.split == "Train"
@@ -184,14 +196,20 @@ def print_summary(path: Path, summaries: list[SlideSummary]) -> None:
             s.dtype,
             str(s.n_spots),
             str(len(s.targets)) if is_train else "-",
+            f"{s.target_min:.2g}" if is_train else "-",
             f"{s.target_mean:.3f}" if is_train else "-",
             f"{s.target_max:.3f}" if is_train else "-",
             f"{s.zero_fraction:.1%}" if is_train else "-",
         )
     n_train = sum(s.n_spots for s in summaries if s.ref.split == "Train")
     n_test = sum(s.n_spots for s in summaries if s.ref.split == "Test")
-    Console().print(table)
-    Console().print(f"ok: {n_train} training spots, {n_test} test spots")
+    console.print(table)
+    rounded = [s for s in summaries if s.coordinate_rounding > 0]
+    if rounded:
+        worst = max(s.coordinate_rounding for s in rounded)
+        console.print(f"note: float spot coordinates on {', '.join(s.ref.name for s in rounded)} are rounded to "
+                      f"whole pixels (largest change {worst:.2f} px)")
+    console.print(f"ok: {n_train} training spots, {n_test} test spots")
 
 
 @exit_on_input_error

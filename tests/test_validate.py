@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from numpy.lib import recfunctions
@@ -65,7 +66,7 @@ CASES = {
     "infinite abundance": (_assign(TRAIN_SPOTS, "C1", 0, np.inf), "spot 0 field 'C1' = inf is infinite"),
     "spot right of image": (_assign(TRAIN_SPOTS, "x", 3, 240), "spots/Train/S_1: spot 3 field 'x' = 240 outside the image (0..239)"),
     "spot above image": (_assign(TRAIN_SPOTS, "y", 1, -2), "spot 1 field 'y' = -2 outside the image"),
-    "duplicate coordinates": (_set(TRAIN_SPOTS, _duplicate_first_spot), "spots/Train/S_1: duplicate spot coordinates"),
+    "duplicate coordinates": (_set(TRAIN_SPOTS, _duplicate_first_spot), "spots/Train/S_1: spots 0 and 1 share the coordinates"),
     "missing x": (_set(TRAIN_SPOTS, lambda t: recfunctions.drop_fields(t, "x", usemask=False)), "spots/Train/S_1: field 'x' missing"),
     "missing y on test": (_set("spots/Test/S_3", lambda t: recfunctions.drop_fields(t, "y", usemask=False)), "spots/Test/S_3: field 'y' missing"),
     "missing target column": (_set("spots/Train/S_2", lambda t: recfunctions.drop_fields(t, "C7", usemask=False)), "spots/Train/S_2: target columns differ from S_1 (field C7)"),
@@ -140,3 +141,52 @@ def test_uint8_images_are_accepted(tiny_dataset, tmp_path):
         datasets[key] = (datasets[key] * 255).round().astype(np.uint8)
     summaries = validate.validate_file(write_datasets(tmp_path / "u8.h5", datasets))
     assert {s.dtype for s in summaries} == {"uint8"}
+
+
+def _float_coordinates(table, jitter):
+    """The spot table with float x, y (as scanpy/squidpy exports hold), moved by ``jitter`` px."""
+    fields = [(name, "<f8" if name in ("x", "y") else table.dtype[name]) for name in table.dtype.names]
+    out = np.zeros(len(table), dtype=fields)
+    for name in table.dtype.names:
+        out[name] = table[name]
+    out["x"] += jitter
+    out["y"] -= jitter
+    return out
+
+
+def test_float_coordinates_are_rounded_and_said_so_then_every_stage_runs(tiny_dataset, tmp_path, capsys):
+    from src.config import PatchesConfig, StainConfig
+    from src.patches import extract_patches
+
+    datasets = read_layout(tiny_dataset[0])
+    exact = read_layout(tiny_dataset[0])
+    for key in [k for k in datasets if k.startswith("spots/")]:
+        datasets[key] = _float_coordinates(datasets[key], 0.3)
+    path = write_datasets(tmp_path / "float.h5", datasets)
+    validate.main([str(path)])
+    out = capsys.readouterr().out
+    assert "float spot coordinates on S_1, S_2, S_3 are rounded to whole pixels (largest change 0.30 px)" in out
+    normalize.normalize_file(path, tmp_path / "n", StainConfig("none", "", False, 1000, 0), log=lambda _: None)
+    extract_patches(tmp_path / "n" / "slides.h5", tmp_path / "p", PatchesConfig(16, "none", 100, {}),
+                    log=lambda _: None)
+    spots = pd.read_csv(tmp_path / "p" / "train_spots.csv")
+    s1 = exact["spots/Train/S_1"]
+    assert spots.loc[spots.slide == "S_1", "x"].tolist() == s1["x"].tolist()  # 0.3 px rounds back
+    assert spots.loc[spots.slide == "S_1", "y"].tolist() == s1["y"].tolist()
+
+
+def test_float_coordinates_that_collide_once_rounded_are_an_error(tiny_dataset, tmp_path, capsys):
+    datasets = read_layout(tiny_dataset[0])
+    table = _float_coordinates(datasets[TRAIN_SPOTS], 0.0)
+    table["x"][1], table["y"][1] = table["x"][0] + 0.4, table["y"][0] - 0.2
+    datasets[TRAIN_SPOTS] = table
+    path = write_datasets(tmp_path / "collide.h5", datasets)
+    _assert_one_line_exit_2(capsys, lambda: validate.main([str(path)]),
+                            "spots/Train/S_1: spots 0 and 1 share the coordinates")
+    err_path = tmp_path / "edge.h5"
+    table = _float_coordinates(read_layout(tiny_dataset[0])[TRAIN_SPOTS], 0.0)
+    table["x"][2] = 239.6  # rounds to 240: outside a 240-px image
+    datasets[TRAIN_SPOTS] = table
+    write_datasets(err_path, datasets)
+    _assert_one_line_exit_2(capsys, lambda: validate.main([str(err_path)]),
+                            "spot 2 field 'x' = 239.6 outside the image (0..239)")
