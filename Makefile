@@ -82,4 +82,4 @@ dashboard: setup
 	  --host 127.0.0.1 --port 8080
 
 clean:
-	rm -rf data models outputs metrics plots .pytest_cache
+	rm -rf data/simulated.h5 data/simulated_truth.h5 data/normalized data/patches models outputs .pytest_cache

@@ -1,9 +1,11 @@
 """Stage ``evaluate``: predict the Test slide(s) with the trained checkpoint (TTA + smoothing).
 
 Writes ``outputs/submission.csv`` (``ID,C1..C35``; ID = row of the test spot table),
-``metrics/evaluate.json``, per-cell-type scores and two pictures. With a truth file (simulated data)
-it also reports the test score, the floor (training mean profile), the ceiling (noise-free
-expectation) and skill = (score - floor) / (ceiling - floor).
+``metrics/evaluate.json`` (the study's CV score and floor), per-cell-type scores and two pictures
+(the prediction map of the first test slide and per-type bars). Real data has no truth file: the
+per-type figures are then the best trial's out-of-fold ones. With a truth file (simulated data) it
+also reports the test score, the floor (training mean profile), the ceiling (noise-free
+expectation) and skill = (score - floor) / (ceiling - floor), per type too.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import argparse
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 
@@ -22,26 +23,44 @@ from src.errors import InputError, exit_on_input_error
 from src.inference import predict_abundance
 from src.metrics import competition_score, floor_score, per_type_spearman, skill
 from src.report import per_type_bars, spatial_map
+from src.slides import open_h5
 
 
-def read_truth(path: Path, spots: pd.DataFrame, split: str = "Test") -> tuple[np.ndarray, np.ndarray]:
-    """(observed, noise-free expected) abundance of each row of ``spots`` from a truth file."""
+def read_truth(path: Path, spots: pd.DataFrame, targets: list[str], split: str = "Test"
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(observed, noise-free expected) abundance of each row of ``spots`` from a truth file, which
+    must describe the same slides, spot counts and cell types as the data."""
     if not path.is_file():
         raise InputError(f"{path}: truth file not found (set data.truth to \"\" for data without one)")
-    observed = expected = None
-    with h5py.File(path, "r") as truth:
+    observed = np.zeros((len(spots), len(targets)))
+    expected = np.zeros_like(observed)
+    with open_h5(path) as truth:
         for slide in spots["slide"].unique():
             key = f"{split}/{slide}"
-            if key not in truth:
-                raise InputError(f"{path}: no truth for slide {key}")
+            if f"{key}/observed" not in truth or f"{key}/expected" not in truth:
+                raise InputError(f"{path}: no truth for slide {key} (is data.truth the truth of data.h5?)")
             rows = (spots["slide"] == slide).to_numpy()
-            index = spots["spot"].to_numpy()[rows]
             slide_observed, slide_expected = truth[f"{key}/observed"][()], truth[f"{key}/expected"][()]
-            if observed is None:
-                observed = np.zeros((len(spots), slide_observed.shape[1]))
-                expected = np.zeros_like(observed)
+            if slide_observed.shape[0] != rows.sum() or slide_expected.shape[0] != rows.sum():
+                raise InputError(f"{path}: slide {key} has {slide_observed.shape[0]} spots in the truth file but "
+                                 f"{rows.sum()} in the data (is data.truth the truth of data.h5?)")
+            if slide_observed.ndim != 2 or slide_observed.shape[1] != len(targets):
+                n = slide_observed.shape[1] if slide_observed.ndim == 2 else 0
+                raise InputError(f"{path}: slide {key} has {n} cell types in the truth file but "
+                                 f"{len(targets)} in the data")
+            index = spots["spot"].to_numpy()[rows]
             observed[rows], expected[rows] = slide_observed[index], slide_expected[index]
     return observed, expected
+
+
+def read_cv_per_type(path: Path, targets: list[str]) -> np.ndarray:
+    """The best trial's out-of-fold Spearman per cell type (written by the tune stage)."""
+    if not path.is_file():
+        raise InputError(f"{path}: not found (run `python -m src.tune` or `dvc repro tune` first)")
+    table = pd.read_csv(path)
+    if list(table.get("cell_type", [])) != targets or "cv_spearman" not in table:
+        raise InputError(f"{path}: expected columns cell_type, cv_spearman for the cell types {targets[0]}..")
+    return table["cv_spearman"].to_numpy(np.float64)
 
 
 def submission(pred: np.ndarray, names: list[str]) -> pd.DataFrame:
@@ -51,39 +70,44 @@ def submission(pred: np.ndarray, names: list[str]) -> pd.DataFrame:
 
 
 def evaluate(model_path: Path, patches: Path, truth_path: Path | None, cv_metrics: dict,
-             out_submission: Path, out_metrics: Path, out_per_type: Path, plots: Path) -> dict:
+             cv_per_type: np.ndarray, out_submission: Path, out_metrics: Path, out_per_type: Path,
+             plots: Path) -> dict:
+    """Predict the test slides and write every declared output; test scores only with a truth file.
+
+    Without one (real data), the metrics are the study's CV figures, and the per-type table and chart
+    hold the best trial's out-of-fold scores."""
     model, meta = load_checkpoint(model_path)
     train_set = load_patch_set(patches, "train")
     test_set: PatchSet = load_patch_set(patches, "test")
     if test_set.targets != meta["targets"]:
         raise InputError(f"{patches}: cell types differ from the checkpoint's {model_path}")
+    true = expected = None
+    if truth_path is not None:  # read (and checked) before anything is written
+        true, expected = read_truth(truth_path, test_set.spots, meta["targets"])
     pred = predict_abundance(model, meta, test_set)
-    write_csv(out_submission, submission(pred, meta["targets"]))
 
     metrics = {"cv_spearman": cv_metrics.get("cv_spearman"),
                "cv_floor_spearman": cv_metrics.get("cv_floor_spearman"),
-               "floor_spearman": cv_metrics.get("cv_floor_spearman")}
-    per_type = pd.DataFrame({"cell_type": meta["targets"]})
-    true = None
-    if truth_path is not None:
-        true, expected = read_truth(truth_path, test_set.spots)
+               "n_test_spots": len(test_set.spots)}
+    per_type = pd.DataFrame({"cell_type": meta["targets"], "cv_spearman": np.round(cv_per_type, 6)})
+    series = {"out-of-fold CV": cv_per_type}
+    if true is not None:
         score = competition_score(pred, true)
         floor = floor_score(train_set.abundance, true)
         ceiling = competition_score(expected, true)
         metrics.update(test_spearman=score, floor_spearman=floor, ceiling_spearman=ceiling,
                        skill=skill(score, floor, ceiling))
         per_type["test_spearman"] = np.round(per_type_spearman(pred, true), 6)
-    write_json(out_metrics, {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})
-    write_csv(out_per_type, per_type)
+        series["test slide"] = per_type["test_spearman"].to_numpy()
 
-    plots.mkdir(parents=True, exist_ok=True)
     first = test_set.spots["slide"].iloc[0]
     rows = (test_set.spots["slide"] == first).to_numpy()
     spatial_map(plots / "spatial_map.png", test_set.xy()[rows], pred[rows], meta["targets"],
                 None if true is None else true[rows], first)
-    if "test_spearman" in per_type:
-        per_type_bars(plots / "per_type_spearman.png", meta["targets"], per_type["test_spearman"].to_numpy(),
-                      "test slide")
+    per_type_bars(plots / "per_type_spearman.png", meta["targets"], series)
+    write_csv(out_per_type, per_type)
+    write_json(out_metrics, {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})
+    write_csv(out_submission, submission(pred, meta["targets"]))
     return metrics
 
 
@@ -96,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patches", type=Path, default=Path("data/patches"))
     parser.add_argument("--tune-metrics", type=Path, default=Path("metrics/tune.json"),
                         help="the study's metrics (best CV score and its floor)")
+    parser.add_argument("--cv-per-type", type=Path, default=Path("metrics/cv_per_type.csv"),
+                        help="the best trial's out-of-fold Spearman per cell type (tune stage)")
     parser.add_argument("--submission", type=Path, default=Path("outputs/submission.csv"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
     parser.add_argument("--per-type", type=Path, default=Path("metrics/per_type.csv"))
@@ -103,10 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (reads data.truth)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    tune = json.loads(args.tune_metrics.read_text()) if args.tune_metrics.is_file() else {}
+    if not args.tune_metrics.is_file():
+        raise InputError(f"{args.tune_metrics}: not found (run `python -m src.tune` or `dvc repro tune` first)")
+    tune = json.loads(args.tune_metrics.read_text())
     cv = {"cv_spearman": tune.get("best_cv_spearman"), "cv_floor_spearman": tune.get("floor_spearman")}
+    targets = load_checkpoint(args.model)[1]["targets"]
     truth = Path(params.data.truth) if params.data.truth else None
-    m = evaluate(args.model, args.patches, truth, cv, args.submission, args.metrics, args.per_type, args.plots)
+    m = evaluate(args.model, args.patches, truth, cv, read_cv_per_type(args.cv_per_type, targets),
+                 args.submission, args.metrics, args.per_type, args.plots)
     print("  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
 
 

@@ -38,13 +38,23 @@ def spatial_map(path: Path, xy: np.ndarray, pred: np.ndarray, names: list[str],
     plt.close(fig)
 
 
-def per_type_bars(path: Path, names: list[str], scores: np.ndarray, label: str) -> None:
-    order = np.argsort(np.nan_to_num(scores, nan=-2))
-    fig, ax = plt.subplots(figsize=(6, 0.22 * len(names) + 1))
-    ax.barh([names[i] for i in order], np.nan_to_num(scores[order]), color="tab:blue")
-    ax.set_xlabel(f"Spearman across spots ({label})")
+def per_type_bars(path: Path, names: list[str], series: dict[str, np.ndarray]) -> None:
+    """Spearman across spots per cell type, one bar per series (e.g. out-of-fold CV and test slide),
+    cell types ordered by the first series."""
+    labels = list(series)
+    order = np.argsort(np.nan_to_num(series[labels[0]], nan=-2))
+    height = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(6, 0.22 * len(names) * max(1, len(labels) * 0.75) + 1))
+    positions = np.arange(len(names))
+    for i, label in enumerate(labels):
+        ax.barh(positions + (i - (len(labels) - 1) / 2) * height, np.nan_to_num(series[label][order]),
+                height=height, label=label)
+    ax.set_yticks(positions, [names[i] for i in order])
+    ax.set_xlabel("Spearman across spots")
     ax.axvline(0, color="black", linewidth=0.6)
     ax.tick_params(axis="y", labelsize=7)
+    if len(labels) > 1:
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")

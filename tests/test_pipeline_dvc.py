@@ -43,7 +43,9 @@ def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("pipeline") / "repo"
     repo.mkdir()
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "data/.gitignore"):
+        (repo / name).parent.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, repo / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in SMALL.items():
         params[section].update(values)
@@ -107,3 +109,41 @@ def test_patches_push_to_a_remote_and_pull_byte_identical_into_a_fresh_clone(rep
             assert filecmp.cmp(path / folder / name, clone / folder / name, shallow=False), name
     status = _run(["dvc", "status"], clone, env)
     assert "up to date" in status
+
+
+def test_truthless_data_the_way_the_readme_says_then_a_noop_repro(repo, tmp_path):
+    """A file without a truth file, as the competition's: `dvc add` it, point data.h5 at it, set
+    data.truth to "", `dvc repro`: every stage runs, every declared output exists, the metrics are the
+    CV figures, the shifted training slide is registered; a second `dvc repro` runs nothing."""
+    from src.config import SimulateConfig
+    from src.synthetic import simulate, write_layout
+
+    path, env = repo
+    cfg = SimulateConfig(seed=3, n_train=2, n_test=1, size=400, pitch=25.0, n_types=35, tissue_extent=[0.8, 1.1],
+                         offsets=[[-30, 20], [0, 0]])
+    slides, names = simulate(cfg)
+    write_layout(slides, names, path / "data" / "mine.h5", tmp_path / "truth_kept_elsewhere.h5", cfg.seed)
+    _run(["dvc", "add", "data/mine.h5"], path, env)
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["data"] = {"h5": "data/mine.h5", "truth": ""}
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    first = _run(["dvc", "repro"], path, env)
+    for stage in ("normalize", "patches", "tune", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first
+    metrics = json.loads((path / "metrics/evaluate.json").read_text())
+    assert set(metrics) == {"cv_spearman", "cv_floor_spearman", "n_test_spots"}
+    assert 0 < metrics["cv_floor_spearman"] < 1 and -1 <= metrics["cv_spearman"] <= 1
+    for output in ("plots/spatial_map.png", "plots/per_type_spearman.png", "metrics/per_type.csv",
+                   "metrics/cv_per_type.csv", "outputs/submission.csv", "studies/best_params.yaml"):
+        assert (path / output).is_file(), output
+    assert len((path / "outputs/submission.csv").read_text().splitlines()) == metrics["n_test_spots"] + 1
+    meta = json.loads((path / "data/patches/meta.json").read_text())
+    assert max(abs(a - b) for a, b in zip(meta["offsets"]["S_1"], [-30, 20])) <= 12, meta["registration"]["S_1"]
+    assert meta["registration"]["S_1"]["source"] == "estimated"
+    assert "Train/S_1: offset [" in first
+
+    second = _run(["dvc", "repro"], path, env)
+    assert "Running stage" not in second
+    _run(["git", "check-ignore", "-q", "data/mine.h5"], path, env)  # the data file is DVC's, not git's
+    assert (path / "data/mine.h5.dvc").is_file()

@@ -1,6 +1,5 @@
 """Training, CV, inference, checkpoints, evaluation and prediction on the tiny slides."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -145,11 +144,17 @@ def checkpoint(tiny_patches, fitted, train_set, tmp_path_factory):
     return path
 
 
+CV_PER_TYPE = np.linspace(-0.1, 0.6, 35)
+
+
+def _evaluate(tiny_patches, checkpoint, truth, out):
+    return evaluate(checkpoint, tiny_patches / "patches", truth, {"cv_spearman": 0.5, "cv_floor_spearman": 0.4},
+                    CV_PER_TYPE, out / "submission.csv", out / "evaluate.json", out / "per_type.csv", out / "plots")
+
+
 def test_evaluate_writes_submission_metrics_and_pictures(tiny_patches, tiny_dataset, checkpoint, tmp_path):
     out = tmp_path
-    metrics = evaluate(checkpoint, tiny_patches / "patches", tiny_dataset[1], {"cv_spearman": 0.5,
-                       "cv_floor_spearman": 0.4}, out / "submission.csv", out / "evaluate.json",
-                       out / "per_type.csv", out / "plots")
+    metrics = _evaluate(tiny_patches, checkpoint, tiny_dataset[1], out)
     submission = pd.read_csv(out / "submission.csv")
     test_spots = pd.read_csv(tiny_patches / "patches" / "test_spots.csv")
     assert list(submission.columns) == ["ID"] + [f"C{i}" for i in range(1, 36)]
@@ -162,7 +167,39 @@ def test_evaluate_writes_submission_metrics_and_pictures(tiny_patches, tiny_data
     assert metrics["test_spearman"] == pytest.approx(saved["test_spearman"], abs=1e-6)
     assert (out / "plots" / "spatial_map.png").stat().st_size > 1000
     assert (out / "plots" / "per_type_spearman.png").stat().st_size > 1000
-    assert len(pd.read_csv(out / "per_type.csv")) == 35
+    per_type = pd.read_csv(out / "per_type.csv")
+    assert list(per_type.columns) == ["cell_type", "cv_spearman", "test_spearman"] and len(per_type) == 35
+
+
+def test_evaluate_without_truth_writes_every_output_with_the_cv_figures(tiny_patches, checkpoint, tmp_path):
+    metrics = _evaluate(tiny_patches, checkpoint, None, tmp_path)
+    saved = json.loads((tmp_path / "evaluate.json").read_text())
+    assert saved == {"cv_spearman": 0.5, "cv_floor_spearman": 0.4, "n_test_spots": saved["n_test_spots"]}
+    assert metrics["cv_spearman"] == 0.5 and not any(k.startswith("test") for k in saved)
+    per_type = pd.read_csv(tmp_path / "per_type.csv")
+    assert list(per_type.columns) == ["cell_type", "cv_spearman"]
+    np.testing.assert_allclose(per_type["cv_spearman"], CV_PER_TYPE, atol=1e-6)
+    for name in ("spatial_map.png", "per_type_spearman.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 1000
+    assert len(pd.read_csv(tmp_path / "submission.csv")) == saved["n_test_spots"]
+
+
+def test_a_truth_file_of_other_data_is_a_one_line_error_and_writes_nothing(tiny_patches, checkpoint, tmp_path,
+                                                                            tiny_dataset):
+    import h5py
+
+    wrong = tmp_path / "wrong_truth.h5"
+    with h5py.File(tiny_dataset[1]) as src, h5py.File(wrong, "w") as dst:
+        for key in ("Train/S_1", "Train/S_2"):
+            src.copy(src[key], dst, name=key)
+        observed = src["Test/S_3/observed"][()]
+        dst["Test/S_3/observed"] = observed[:-3]  # three spots fewer than the data's test slide
+        dst["Test/S_3/expected"] = observed[:-3]
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"{wrong}: slide Test/S_3 has {len(observed) - 3} spots in the truth "
+                                         rf"file but {len(observed)} in the data"):
+        _evaluate(tiny_patches, checkpoint, wrong, out)
+    assert not out.exists()
 
 
 def test_smoothing_sigma_of_the_checkpoint_is_applied(tiny_patches, checkpoint):
