@@ -1,8 +1,9 @@
 """The patch store (output of stage ``patches``) as arrays and torch datasets."""
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,29 @@ class PatchSet:
     targets: list[str]  # cell-type columns
     slide_sizes: dict[str, tuple[int, int]]  # slide -> (height, width)
     patch_size: int
+    _digests: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def images_digest(self) -> str:
+        """Content hash of the patch pixels (computed once per PatchSet: ~1 s per GB)."""
+        if "images" not in self._digests:
+            h = hashlib.blake2b(digest_size=16)
+            for start in range(0, len(self.images), 512):
+                h.update(np.ascontiguousarray(self.images[start : start + 512]).tobytes())
+            h.update(str(self.images.shape).encode())
+            self._digests["images"] = h.hexdigest()
+        return self._digests["images"]
+
+    def digest(self) -> str:
+        """Content hash of everything a trial reads: pixels, spot table (labels included), cell types,
+        slide sizes and patch size. Equal digests, equal data."""
+        if "all" not in self._digests:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(self.images_digest().encode())
+            h.update(json.dumps([list(map(str, self.spots.columns)), self.targets,
+                                 sorted((k, list(v)) for k, v in self.slide_sizes.items()), self.patch_size]).encode())
+            h.update(pd.util.hash_pandas_object(self.spots, index=True).to_numpy().tobytes())
+            self._digests["all"] = h.hexdigest()
+        return self._digests["all"]
 
     @property
     def abundance(self) -> np.ndarray:

@@ -179,21 +179,6 @@ def _digest_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-_PATCH_DIGESTS: dict[int, str] = {}
-
-
-def patches_digest(patch_set: PatchSet) -> str:
-    key = id(patch_set.images)
-    if key not in _PATCH_DIGESTS:
-        h = hashlib.blake2b(digest_size=16)
-        images = patch_set.images
-        for start in range(0, len(images), 512):
-            h.update(np.ascontiguousarray(images[start : start + 512]).tobytes())
-        h.update(str(images.shape).encode())
-        _PATCH_DIGESTS[key] = h.hexdigest()
-    return _PATCH_DIGESTS[key]
-
-
 @dataclass
 class FeatureCache:
     """Cached activations: ``array[v, i]`` is variant ``variants[v]`` of patch ``i``."""
@@ -226,7 +211,7 @@ def cache_key(model: SpatialCellModel, split: PrefixSplit, patch_set: PatchSet,
                if any(n.startswith(m + ".") for m in split.modules)]
     prep = model.preprocessing
     return {"backbone": model.cfg.backbone, "weights": _digest_tensors(prefix_weights + buffers),
-            "patches": patches_digest(patch_set), "patch_size": patch_set.patch_size,
+            "patches": patch_set.images_digest(), "patch_size": patch_set.patch_size,
             "input_size": prep.input_size, "mean": list(prep.mean), "std": list(prep.std),
             "cut": split.cut, "variants": list(variants), "dtype": np.dtype(CACHE_DTYPE).name}
 
@@ -305,7 +290,7 @@ def cache_for(model: SpatialCellModel, patch_set: PatchSet, max_unfrozen: int, r
     whatever its own unfrozen block count up to ``max_unfrozen``."""
     cut = deepest_cut(model, max_unfrozen)
     prefix = [model.backbone.get_parameter(n) for block in model.blocks[:cut] for n in block]
-    memo = (id(patch_set.images), model.cfg.backbone, cut, model.preprocessing, _digest_tensors(prefix), str(root))
+    memo = (patch_set.images_digest(), model.cfg.backbone, cut, model.preprocessing, _digest_tensors(prefix), str(root))
     if memo in _LOADED:
         cache, template = _LOADED[memo]
         return cache, PrefixSplit(model, cut).adopt(template)

@@ -7,14 +7,15 @@ config. The hand-set params.yaml recipe is the first trial, so the search never 
 Each trial reports its running CV score per epoch to the pruner, records fold scores, per-type scores,
 epochs, wall time and the floor, and uploads a per-type bar chart and its OOF table as artifacts.
 ``--trials`` is the study's target of finished (complete + pruned) trials: rerunning after an
-interruption runs only the missing ones. The stored study name is ``NAME-<recipe hash>``: changing any
-param other than tune.trials/study/storage/timeout_s/heartbeat_s and train.cache_dir starts a fresh study. Writes ``studies/best_params.yaml`` and ``metrics/tune.json``.
+interruption runs only the missing ones. The stored study name is ``NAME-<hash>`` of the recipe, the
+training data and the trial code (``src.study_identity``): changing any of them starts a fresh study.
+Writes ``studies/best_params.yaml``, ``metrics/tune.json`` and the best trial's out-of-fold Spearman
+per cell type (``metrics/cv_per_type.csv``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import signal
 import tempfile
@@ -32,10 +33,11 @@ from optuna.trial import TrialState
 from src.config import Params, apply_overrides, params_from_dict, read_raw
 from src.data import PatchSet, load_patch_set
 from src.errors import InputError, exit_on_input_error
-from src.io_utils import atomic_path
+from src.io_utils import atomic_path, write_csv
 from src.losses import to_abundance_scale
 from src.report import per_type_bars
 from src.space import SearchParam, defaults, parse_space, suggest
+from src.study_identity import library_versions, study_identity, study_name_for, what_changed
 from src.storage import (WORKER_ATTR, create_storage, fail_running_trials, is_journal, open_study,
                          reap_dead_local_workers, worker_identity)
 from src.train import cross_validate
@@ -44,10 +46,6 @@ STUDIES_DIR = Path("studies")
 DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR}/studies.db"
 ARTIFACT_DIR = STUDIES_DIR / "artifacts"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# Keys that do not change what a trial computes: a study may continue when only these differ, so
-# workers with their own time limit, or their own feature cache folder on a local disk, share a study.
-RUN_ONLY_KEYS = {"trials", "study", "storage", "timeout_s", "heartbeat_s"}
-RUN_ONLY_TRAIN_KEYS = {"cache_dir"}
 # Failures that mark a trial FAIL and let the study go on (divergence, out of memory, ...).
 TRIAL_ERRORS = (RuntimeError, ValueError, ArithmeticError, MemoryError)
 
@@ -89,19 +87,9 @@ class InterruptFlag:
 INTERRUPT = InterruptFlag()
 
 
-def recipe_fingerprint(base_raw: dict) -> dict:
-    """What a study's trials depend on: every param except the run-only keys."""
-    recipe = {k: v for k, v in base_raw.items() if k not in ("tune", "train")}
-    recipe["tune"] = {k: v for k, v in base_raw["tune"].items() if k not in RUN_ONLY_KEYS}
-    recipe["train"] = {k: v for k, v in base_raw["train"].items() if k not in RUN_ONLY_TRAIN_KEYS}
-    return json.loads(json.dumps(recipe, sort_keys=True, default=str))
-
-
-def study_name_for(name: str, base_raw: dict) -> str:
-    """``name`` plus a short hash of the recipe: a changed recipe (data, stain, model, space, ...)
-    starts a fresh study instead of mixing incomparable trials; the same recipe resumes."""
-    digest = hashlib.sha1(json.dumps(recipe_fingerprint(base_raw), sort_keys=True).encode()).hexdigest()
-    return f"{name}-{digest[:8]}"
+def stored_study_name(name: str, base_raw: dict, patch_set: PatchSet) -> str:
+    """``name`` plus a hash of what the trials depend on: recipe, training data and trial code."""
+    return study_name_for(name, study_identity(base_raw, patch_set.digest()))
 
 
 def make_pruner(params: Params) -> optuna.pruners.BasePruner:
@@ -180,7 +168,7 @@ class Objective:
     def _upload(self, trial: optuna.Trial, params: Params, result) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             bars = Path(tmp) / f"trial{trial.number}_per_type.png"
-            per_type_bars(bars, self.patch_set.targets, result.per_type, "out-of-fold")
+            per_type_bars(bars, self.patch_set.targets, {"out-of-fold": result.per_type})
             oof = Path(tmp) / f"trial{trial.number}_oof.csv"
             values = to_abundance_scale(result.oof, params.loss.target_transform)
             table = self.patch_set.spots[["slide", "spot", "x", "y"]].assign(fold=result.fold_of)
@@ -208,8 +196,25 @@ def finished_counts(study: optuna.Study) -> dict[str, int]:
             for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
 
 
+def describe_study(study: optuna.Study, created: bool, name: str, identity: dict,
+                   storage: optuna.storages.BaseStorage) -> str:
+    """One line: a study resumed, or a new one and why (which of recipe, data, code differ from the
+    latest other study of the same name)."""
+    if not created:
+        done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+        return f"study {study.study_name}: resuming ({done} finished trials)"
+    others = [s for s in storage.get_all_studies()
+              if s.study_name.startswith(f"{name}-") and s.study_name != study.study_name and "data" in s.user_attrs]
+    if not others:
+        return f"study {study.study_name}: new"
+    latest = max(others, key=lambda s: s._study_id)
+    changed = what_changed(latest.user_attrs, identity) or ["nothing recorded"]
+    return f"study {study.study_name}: new; {' and '.join(changed)} differ from study {latest.study_name}"
+
+
 def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: str, storage_url: str,
-              timeout_s: float = 0.0, artifact_dir: Path = ARTIFACT_DIR, live: bool = True) -> optuna.Study:
+              timeout_s: float = 0.0, artifact_dir: Path = ARTIFACT_DIR, live: bool = True,
+              log=print) -> optuna.Study:
     """Create or resume the study and run trials until it holds ``n_trials`` finished ones."""
     params = params_from_dict(base_raw)
     space = parse_space(params.tune.space)
@@ -217,11 +222,15 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
         raise InputError("params: tune.space is empty: nothing to search")
     hand_set = defaults(space, base_raw)
     storage = create_storage(storage_url, params.tune.heartbeat_s)
-    study, created = open_study(study_name_for(study_name, base_raw), storage, make_pruner(params),
+    identity = study_identity(base_raw, patch_set.digest())
+    study, created = open_study(study_name_for(study_name, identity), storage, make_pruner(params),
                                 params.tune.sampler_seed)
     if created:
-        study.set_user_attr("recipe", recipe_fingerprint(base_raw))
+        for key, value in identity.items():
+            study.set_user_attr(key, value)
+        study.set_user_attr("versions", library_versions())
         enqueue_defaults(study, hand_set)
+    log(describe_study(study, created, study_name, identity, storage))
     if is_journal(storage_url):  # no heartbeat: fail and retry the trials of dead local workers
         reap_dead_local_workers(study)
     if sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) >= n_trials:
@@ -242,8 +251,8 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
     return study
 
 
-def load_existing_study(base_raw: dict, study_name: str, storage_url: str) -> optuna.Study:
-    name = study_name_for(study_name, base_raw)
+def load_existing_study(base_raw: dict, patch_set: PatchSet, study_name: str, storage_url: str) -> optuna.Study:
+    name = stored_study_name(study_name, base_raw, patch_set)
     storage = create_storage(storage_url, params_from_dict(base_raw).tune.heartbeat_s)
     try:
         return optuna.load_study(study_name=name, storage=storage)
@@ -307,11 +316,18 @@ def print_summary(study: optuna.Study, console=None) -> None:
     console.print(f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed")
 
 
-def write_outputs(study: optuna.Study, best_out: Path, metrics_out: Path) -> None:
+def cv_per_type_table(study: optuna.Study, targets: list[str]) -> pd.DataFrame:
+    scores = study.best_trial.user_attrs.get("per_type_spearman", {})
+    return pd.DataFrame({"cell_type": targets, "cv_spearman": [scores.get(t, float("nan")) for t in targets]})
+
+
+def write_outputs(study: optuna.Study, targets: list[str], best_out: Path, metrics_out: Path,
+                  per_type_out: Path) -> None:
     with atomic_path(best_out) as tmp:
         tmp.write_text(yaml.safe_dump(best_params_record(study), sort_keys=False))
     with atomic_path(metrics_out) as tmp:
         tmp.write_text(json.dumps(tune_metrics(study), indent=2) + "\n")
+    write_csv(per_type_out, cv_per_type_table(study, targets))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store")
     parser.add_argument("--best-out", type=Path, default=STUDIES_DIR / "best_params.yaml")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/tune.json"))
+    parser.add_argument("--cv-per-type", type=Path, default=Path("metrics/cv_per_type.csv"),
+                        help="the best trial's out-of-fold Spearman per cell type (CSV)")
     parser.add_argument("--artifacts", type=Path, default=ARTIFACT_DIR,
                         help="artifact store folder (trial pictures and OOF tables)")
     parser.add_argument("--fail-trial", type=int, action="append", default=[], metavar="N",
@@ -354,10 +372,10 @@ def main(argv: list[str] | None = None) -> None:
     study_name = args.study or params.tune.study
     storage = args.storage or params.tune.storage or DEFAULT_STORAGE
     timeout = params.tune.timeout_s if args.timeout is None else args.timeout
-    if args.fail_trial:
-        fail_running_trials(load_existing_study(base_raw, study_name, storage), args.fail_trial)
-        return
     patch_set = load_patch_set(args.patches, "train")
+    if args.fail_trial:
+        fail_running_trials(load_existing_study(base_raw, patch_set, study_name, storage), args.fail_trial)
+        return
     INTERRUPT.install()
     try:
         study = run_study(base_raw, patch_set, n_trials, study_name, storage, timeout, args.artifacts)
@@ -367,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     print_summary(study)
     if finished_counts(study)["complete"] == 0:
         raise InputError(f"study {study_name!r}: no trial completed, so there is no best recipe")
-    write_outputs(study, args.best_out, args.metrics)
+    write_outputs(study, patch_set.targets, args.best_out, args.metrics, args.cv_per_type)
 
 
 if __name__ == "__main__":

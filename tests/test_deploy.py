@@ -6,15 +6,13 @@ import stat
 import subprocess
 import sys
 
-import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
 
 from src import tune
 from src.config import apply_overrides, read_raw
-from src.storage import create_storage
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, ROOT, study_named
 
 DEPLOY = ROOT / "deploy"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -28,8 +26,7 @@ def _tune_args(tiny_patches, tmp_path) -> list[str]:
 
 
 def _finished(storage: str) -> list:
-    raw = apply_overrides(read_raw(ROOT / "params.yaml"), list(FAST) + ["train.feature_cache=true"])
-    study = optuna.load_study(study_name=tune.study_name_for("deploy", raw), storage=create_storage(storage, 60))
+    study = study_named(storage, "deploy")
     return [t for t in study.trials if t.state in FINISHED]
 
 

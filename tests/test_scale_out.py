@@ -17,7 +17,8 @@ from optuna.trial import TrialState
 from src import tune
 from src.config import apply_overrides, read_raw
 from src.storage import create_storage
-from tests.conftest import FAST, ROOT
+from src.data import load_patch_set
+from tests.conftest import FAST, ROOT, study_named
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -44,10 +45,7 @@ def _start(cmd, tmp_path) -> subprocess.Popen:
 
 def _load(storage, tmp_path: Path, *extra: str) -> optuna.Study:
     """The test's study from a storage URL or an opened storage."""
-    raw = apply_overrides(read_raw(ROOT / "params.yaml"), _sets(tmp_path, *extra))
-    if isinstance(storage, str):
-        storage = create_storage(storage, 1)
-    return optuna.load_study(study_name=tune.study_name_for(tmp_path.name, raw), storage=storage)
+    return study_named(storage, tmp_path.name)
 
 
 def _storage_url(kind: str, request, tmp_path: Path) -> str:
@@ -135,15 +133,16 @@ def test_a_worker_killed_mid_trial_is_failed_retried_and_the_study_finishes(kind
         assert f"trial {killed.number}: its worker" in survivor.stdout
 
 
-def test_journal_trials_of_dead_local_workers_are_reaped_others_failed_by_hand(tmp_path, capsys):
+def test_journal_trials_of_dead_local_workers_are_reaped_others_failed_by_hand(tmp_path, capsys, tiny_patches):
     """JournalStorage has no heartbeat: a worker fails the RUNNING trials of dead processes on its own
     host; a trial held by another host stays RUNNING until `--fail-trial N`."""
     from src.storage import reap_dead_local_workers, worker_identity
 
     storage = f"journal:{tmp_path}/study.journal"
     raw = apply_overrides(read_raw(ROOT / "params.yaml"), list(FAST))
-    study = optuna.create_study(study_name=tune.study_name_for("j", raw), storage=create_storage(storage, 1),
-                                direction="maximize")
+    patch_set = load_patch_set(tiny_patches / "patches", "train")
+    study = optuna.create_study(study_name=tune.stored_study_name("j", raw, patch_set),
+                                storage=create_storage(storage, 1), direction="maximize")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     me = worker_identity()
     attrs = {"local dead": {**me, "pid": int(dead.stdout)}, "local alive": me, "other host": {**me, "host": "gpu-node-7"},
@@ -159,9 +158,10 @@ def test_journal_trials_of_dead_local_workers_are_reaped_others_failed_by_hand(t
                       "other host": TrialState.RUNNING, "retry of a dead one, just started": TrialState.RUNNING}
 
     args = ["--storage", storage, "--study", "j", "--params", str(ROOT / "params.yaml"),
+            "--patches", str(tiny_patches / "patches"),
             *[a for item in FAST for a in ("--set", item)]]
     tune.main([*args, "--fail-trial", str(trials["other host"])])
-    study = _load_named(storage, "j", raw)
+    study = study_named(storage, "j")
     assert study.trials[trials["other host"]].state == TrialState.FAIL
     queued = [t for t in study.trials if t.state == TrialState.WAITING]
     assert sorted(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in queued) == \
@@ -170,10 +170,6 @@ def test_journal_trials_of_dead_local_workers_are_reaped_others_failed_by_hand(t
         tune.main([*args, "--fail-trial", str(trials["other host"])])
     assert exit_info.value.code == 2
     assert "trial is FAIL, not RUNNING" in capsys.readouterr().err
-
-
-def _load_named(storage: str, name: str, raw: dict) -> optuna.Study:
-    return optuna.load_study(study_name=tune.study_name_for(name, raw), storage=create_storage(storage, 1))
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """The Optuna study: space parsing, suggest, enqueue, pruning, failures, resume, dashboard."""
-import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import optuna
@@ -87,7 +87,7 @@ def _study(tmp_path, raw, n_trials, train_set, **kwargs):
 
 
 def test_hand_set_recipe_is_the_first_trial_and_artifacts_are_uploaded(tmp_path, train_set):
-    raw = base_raw()
+    raw = base_raw("tune.pruner=none")
     study = _study(tmp_path, raw, 2, train_set)
     first = study.trials[0]
     assert first.params == defaults(parse_space(raw["tune"]["space"]), raw)
@@ -132,7 +132,8 @@ def test_hand_set_trial_is_queued_by_the_creator_and_again_only_when_interrupted
 def test_pruning_prunes_a_hopeless_trial(tmp_path, train_set):
     raw = base_raw("train.epochs=2", "tune.pruner_startup_trials=1")
     storage = f"sqlite:///{tmp_path}/s.db"
-    study = optuna.create_study(study_name=tune.study_name_for("t", raw), storage=storage, direction="maximize")
+    study = optuna.create_study(study_name=tune.stored_study_name("t", raw, train_set), storage=storage,
+                                direction="maximize")
     space = parse_space(raw["tune"]["space"])
     hand_set = defaults(space, raw)
     tune.enqueue_defaults(study, hand_set)
@@ -154,12 +155,68 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, train_set, 
     assert "out of memory" in failed.user_attrs.get("fail_reason", "")
 
 
-def test_changed_recipe_starts_a_new_study_same_recipe_resumes():
-    a = tune.study_name_for("s", base_raw())
-    assert a == tune.study_name_for("s", base_raw("tune.trials=40", "tune.timeout_s=5", "train.cache_dir=/scratch/f"))
-    assert a != tune.study_name_for("s", base_raw("stain.method=macenko"))
-    assert a != tune.study_name_for("s", base_raw("tune.space.loss.alpha.high=0.9"))
-    assert a != tune.study_name_for("s", base_raw("tune.sampler_seed=5"))
+def test_study_name_changes_with_what_a_trial_computes_and_only_that(train_set):
+    def name(*overrides, patch_set=train_set):
+        return tune.stored_study_name("s", base_raw(*overrides), patch_set)
+
+    a = name()
+    run_only = ("tune.trials=40", "tune.timeout_s=5", "tune.storage=journal:x", "tune.heartbeat_s=5",
+                "train.cache_dir=/scratch/f", "train.num_workers=4", "train.compile=true", "infer.batch_size=7",
+                "data.truth=''", "data.h5=elsewhere.h5", "stain.method=macenko", "patches.size=128")
+    assert a == name(*run_only)  # upstream params act through the patch store's content
+    for recipe in ("tune.space.loss.alpha.high=0.9", "tune.sampler_seed=5", "train.epochs=3", "loss.alpha=0.5",
+                   "infer.smoothing_sigma=10.0", "cv.n_folds=3", "model.fusion=gated"):
+        assert a != name(recipe), recipe
+    relabelled = replace(train_set, spots=train_set.spots.assign(C1=train_set.spots["C1"] * 2))
+    repixelled = replace(train_set, images=np.ascontiguousarray(train_set.images[::-1]))
+    assert a != name(patch_set=relabelled) and a != name(patch_set=repixelled)
+    assert a == name(patch_set=replace(train_set))  # the same content, another object
+
+
+def test_code_digest_follows_the_code_a_trial_runs_not_its_comments(tmp_path):
+    import shutil
+
+    from src.study_identity import code_digest, trial_modules
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
+    base = code_digest(src)
+    assert {"src.train", "src.model", "src.losses", "src.features", "src.space", "src.metrics"} <= set(trial_modules(src))
+    assert not {"src.storage", "src.tune_display", "src.bench", "src.predict", "src.evaluate"} & set(trial_modules(src))
+    model = src / "model.py"
+    text = model.read_text()
+    model.write_text(text.replace('"""Element-wise product', '"""Product, element-wise', 1)
+                     .replace("import timm\n", "import timm  # a comment\n", 1))
+    assert code_digest(src) == base  # docstrings and comments: same study
+    model.write_text(text.replace("return image * coord", "return image * coord * 2.0", 1))
+    assert code_digest(src) != base  # behaviour: a new study
+    model.write_text(text)
+    (src / "bench.py").write_text("X = 1\n")  # not run by a trial
+    assert code_digest(src) == base
+
+
+def test_dvc_tune_stage_depends_on_every_module_a_trial_runs():
+    from src.study_identity import trial_modules
+
+    deps = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tune"]["deps"])
+    missing = {f"src/{m.split('.', 1)[1]}.py" for m in trial_modules()} - deps
+    assert not missing, missing
+
+
+def test_new_data_starts_a_new_study_that_runs_trials_and_says_why(tmp_path, train_set):
+    raw = base_raw("tune.pruner=none")
+    lines = []
+    first = _study(tmp_path, raw, 1, train_set, log=lines.append)
+    assert lines[-1] == f"study {first.study_name}: new"
+    again = _study(tmp_path, raw, 1, train_set, log=lines.append)
+    assert again.study_name == first.study_name and lines[-1].endswith("resuming (1 finished trials)")
+    relabelled = replace(train_set, spots=train_set.spots.assign(C2=train_set.spots["C2"][::-1].to_numpy()))
+    second = _study(tmp_path, raw, 1, relabelled, log=lines.append)
+    assert second.study_name != first.study_name
+    assert sum(t.state == TrialState.COMPLETE for t in second.trials) == 1  # measured anew, not reused
+    assert lines[-1] == (f"study {second.study_name}: new; the training data (patch store) differ from "
+                         f"study {first.study_name}")
+    assert second.user_attrs["data"] == relabelled.digest() and "torch" in second.user_attrs["versions"]
 
 
 def test_best_params_rebuild_the_best_config(tmp_path):

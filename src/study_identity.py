@@ -1,0 +1,121 @@
+"""What a study's trials depend on, and so what its stored name stands for.
+
+A study is one recipe (every param a trial reads), one training data set (the patch store's content)
+and one version of the code a trial runs. The stored name is ``NAME-<hash of the three>``: a changed
+param, a replaced data file or edited trial code starts a fresh study instead of resuming one whose
+trials were measured on something else, and going back resumes the old one. Params that only say how
+a run goes (trial count, storage, workers, batch size of inference, compilation, cache folder) are
+left out, so workers with other settings of those share the study.
+
+The code digest covers the ``src`` modules a trial imports, directly or not, compared by syntax tree
+without docstrings: editing a comment or a docstring keeps the study, editing code starts a new one.
+Library versions are recorded on the study (``versions``) but not part of its name.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent
+# Keys that do not change what a trial computes.
+RUN_ONLY = {
+    "tune": {"trials", "study", "storage", "timeout_s", "heartbeat_s"},
+    "train": {"cache_dir", "num_workers", "compile"},
+    "infer": {"batch_size"},
+}
+# Sections upstream of the patch store: the data digest covers their effect (data.truth has none).
+UPSTREAM = ("data", "simulate", "stain", "patches")
+TRIAL_ROOTS = ("src.tune",)  # the objective; what it imports (training, model, loss, ...) follows
+NOT_TRIAL_CODE = {"src.storage", "src.tune_display", "src.report"}  # where a study lives, how it is shown
+LIBRARIES = ("torch", "timm", "torchsort", "numpy", "optuna")
+
+
+def recipe_fingerprint(base_raw: dict) -> dict:
+    """Every param a trial reads: all but the upstream sections and the run-only keys."""
+    recipe = {section: ({k: v for k, v in values.items() if k not in RUN_ONLY.get(section, ())}
+                        if isinstance(values, dict) else values)
+              for section, values in base_raw.items() if section not in UPSTREAM}
+    return json.loads(json.dumps(recipe, sort_keys=True, default=str))
+
+
+def _module_path(module: str, root: Path) -> Path | None:
+    parts = module.split(".")[1:]
+    path = root.joinpath(*parts).with_suffix(".py")
+    return path if path.is_file() else None
+
+
+def _normalized(tree: ast.AST) -> str:
+    """The syntax tree without docstrings (comments and layout are not in it anyway)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def _imported(tree: ast.AST) -> set[str]:
+    """``src.*`` modules imported anywhere in a module (also inside functions)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "src":
+                found |= {f"src.{alias.name}" for alias in node.names}
+            elif node.module.startswith("src."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("src.")}
+    return found
+
+
+def trial_modules(root: Path = SRC) -> dict[str, str]:
+    """Module name -> normalized syntax tree of every module a trial runs."""
+    todo, seen = list(TRIAL_ROOTS), {}
+    while todo:
+        module = todo.pop()
+        if module in seen or module in NOT_TRIAL_CODE:
+            continue
+        path = _module_path(module, root)
+        if path is None:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        seen[module] = _normalized(tree)
+        todo.extend(sorted(_imported(tree)))
+    return seen
+
+
+def code_digest(root: Path = SRC) -> str:
+    h = hashlib.sha1()
+    for module, tree in sorted(trial_modules(root).items()):
+        h.update(module.encode() + b"\0" + tree.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def study_identity(base_raw: dict, data_digest: str, code: str | None = None) -> dict:
+    """The three things a study's trials depend on."""
+    return {"recipe": recipe_fingerprint(base_raw), "data": data_digest, "code": code or code_digest()}
+
+
+def study_name_for(name: str, identity: dict) -> str:
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return f"{name}-{digest[:8]}"
+
+
+def what_changed(old: dict, new: dict) -> list[str]:
+    """Which of recipe / data / code differ between two identities (for telling the user why)."""
+    labels = {"recipe": "the recipe (params)", "data": "the training data (patch store)",
+              "code": "the trial code (src/)"}
+    return [labels[k] for k in ("recipe", "data", "code") if old.get(k) != new.get(k)]
