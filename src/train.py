@@ -21,6 +21,7 @@ from src.config import Params, add_params_arguments, apply_overrides, load_param
 from src.data import PatchSet, SpotDataset, build_transform, load_patch_set
 from src.errors import InputError, exit_on_input_error
 from src.inference import autocast, default_device, predict
+from src.locations import shared_path
 from src.losses import AbundanceLoss, target_ranks, transform_targets
 from src.metrics import competition_score, per_type_spearman
 from src.model import SpatialCellModel
@@ -81,7 +82,7 @@ class Batches:
             if cfg.color_jitter > 0 or cfg.resized_crop > 0:
                 raise InputError("params: train.feature_cache fixes the backbone input: set train.color_jitter "
                                  "and train.resized_crop to 0 (dihedral flips stay available)")
-            self.cache, self.split = cache_for(model, patch_set, max_unfrozen(params), Path(cfg.cache_dir), device)
+            self.cache, self.split = cache_for(model, patch_set, max_unfrozen(params), shared_path(cfg.cache_dir), device)
             self.flips = cfg.flips
             self.coords = torch.from_numpy(patch_set.coords())
             self.targets = torch.from_numpy(targets.astype(np.float32))

@@ -9,14 +9,16 @@ epochs, wall time and the floor, and uploads a per-type bar chart and its OOF ta
 ``--trials`` is the study's target of finished (complete + pruned) trials: rerunning after an
 interruption runs only the missing ones. The stored study name is ``NAME-<hash>`` of the recipe, the
 training data and the trial code (``src.study_identity``): changing any of them starts a fresh study.
-Writes ``studies/best_params.yaml``, ``metrics/tune.json`` and the best trial's out-of-fold Spearman
-per cell type (``metrics/cv_per_type.csv``).
+Under ``dvc exp run`` the study records the experiment's name (user attribute ``dvc_experiments``;
+each trial: ``dvc_experiment``). Relative storage, artifact and cache paths lie under the repository
+root, so queued experiments share them (``src.locations``). Writes the outputs of
+``src.study_outputs``: best params, metrics (naming the study), per-type CV and optimization history.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import os
 import signal
 import tempfile
 import time
@@ -33,10 +35,11 @@ from optuna.trial import TrialState
 from src.config import Params, apply_overrides, params_from_dict, read_raw
 from src.data import PatchSet, load_patch_set
 from src.errors import InputError, exit_on_input_error
-from src.io_utils import atomic_path, write_csv
+from src.locations import shared_path, shared_storage_url
 from src.losses import to_abundance_scale
 from src.report import per_type_bars
 from src.space import SearchParam, defaults, parse_space, suggest
+from src.study_outputs import StageOutputs, trial_counts, write_outputs
 from src.study_identity import library_versions, study_identity, study_name_for, what_changed
 from src.storage import (WORKER_ATTR, create_storage, fail_running_trials, is_journal, open_study,
                          reap_dead_local_workers, worker_identity)
@@ -104,6 +107,13 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
 
 
 HAND_SET = {"hand_set": True}
+DVC_EXPERIMENTS_ATTR = "dvc_experiments"
+
+
+def dvc_experiment() -> dict | None:
+    """The DVC experiment this run belongs to (``dvc exp run`` sets its name and baseline commit)."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return {"name": name, "baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")} if name else None
 
 
 def enqueue_defaults(study: optuna.Study, values: dict[str, Any]) -> None:
@@ -125,9 +135,12 @@ class Objective:
         artifact_dir.mkdir(parents=True, exist_ok=True)
         self.show_progress = show_progress
         self.worker = worker_identity()
+        self.experiment = dvc_experiment()
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, {**self.worker, "trial": trial.number})
+        if self.experiment:
+            trial.set_user_attr("dvc_experiment", self.experiment["name"])
         try:
             with INTERRUPT.raising():
                 return self._run(trial)
@@ -190,12 +203,6 @@ class StopOnRepeatedFailure:
             study.stop()
 
 
-def finished_counts(study: optuna.Study) -> dict[str, int]:
-    trials = study.get_trials(deepcopy=False)
-    return {state.name.lower(): sum(t.state == state for t in trials)
-            for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
-
-
 def describe_study(study: optuna.Study, created: bool, name: str, identity: dict,
                    storage: optuna.storages.BaseStorage) -> str:
     """One line: a study resumed, or a new one and why (which of recipe, data, code differ from the
@@ -231,6 +238,9 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
         study.set_user_attr("versions", library_versions())
         enqueue_defaults(study, hand_set)
     log(describe_study(study, created, study_name, identity, storage))
+    experiment = dvc_experiment()
+    if experiment and experiment not in study.user_attrs.get(DVC_EXPERIMENTS_ATTR, []):
+        study.set_user_attr(DVC_EXPERIMENTS_ATTR, study.user_attrs.get(DVC_EXPERIMENTS_ATTR, []) + [experiment])
     if is_journal(storage_url):  # no heartbeat: fail and retry the trials of dead local workers
         reap_dead_local_workers(study)
     if sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) >= n_trials:
@@ -260,20 +270,6 @@ def load_existing_study(base_raw: dict, patch_set: PatchSet, study_name: str, st
         raise InputError(f"--study {study_name}: {storage_url} holds no study {name} for this recipe") from None
 
 
-def best_params_record(study: optuna.Study) -> dict:
-    best = study.best_trial
-    return {"study": study.study_name, "trial": best.number, "cv_spearman": round(best.value, 6),
-            "params": dict(best.params)}
-
-
-def tune_metrics(study: optuna.Study) -> dict:
-    counts = finished_counts(study)
-    best = study.best_trial
-    return {"best_cv_spearman": round(best.value, 6), "n_complete": counts["complete"],
-            "n_pruned": counts["pruned"], "n_failed": counts["fail"],
-            "floor_spearman": best.user_attrs.get("floor_spearman")}
-
-
 def params_for_best(best_file: Path, base_raw: dict) -> Params:
     """Rebuild the best trial's full config with the same ``suggest`` the search used."""
     if not best_file.is_file():
@@ -293,7 +289,7 @@ def print_summary(study: optuna.Study, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    counts = finished_counts(study)
+    counts = trial_counts(study)
     if counts["complete"] == 0:
         console.print(f"study {study.study_name}: no complete trial ({counts})")
         return
@@ -314,20 +310,6 @@ def print_summary(study: optuna.Study, console=None) -> None:
                       f"{imp:.3f}" if imp is not None else "-")
     console.print(table)
     console.print(f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed")
-
-
-def cv_per_type_table(study: optuna.Study, targets: list[str]) -> pd.DataFrame:
-    scores = study.best_trial.user_attrs.get("per_type_spearman", {})
-    return pd.DataFrame({"cell_type": targets, "cv_spearman": [scores.get(t, float("nan")) for t in targets]})
-
-
-def write_outputs(study: optuna.Study, targets: list[str], best_out: Path, metrics_out: Path,
-                  per_type_out: Path) -> None:
-    with atomic_path(best_out) as tmp:
-        tmp.write_text(yaml.safe_dump(best_params_record(study), sort_keys=False))
-    with atomic_path(metrics_out) as tmp:
-        tmp.write_text(json.dumps(tune_metrics(study), indent=2) + "\n")
-    write_csv(per_type_out, cv_per_type_table(study, targets))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,8 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/tune.json"))
     parser.add_argument("--cv-per-type", type=Path, default=Path("metrics/cv_per_type.csv"),
                         help="the best trial's out-of-fold Spearman per cell type (CSV)")
+    parser.add_argument("--history", type=Path, default=Path("metrics/optimization_history.csv"),
+                        help="value and best value so far of every complete trial (CSV)")
     parser.add_argument("--artifacts", type=Path, default=ARTIFACT_DIR,
-                        help="artifact store folder (trial pictures and OOF tables)")
+                        help="artifact store folder (trial pictures and OOF tables); relative storage and "
+                             "artifact paths lie under the repository root (DVC_ROOT), also in queued experiments")
     parser.add_argument("--fail-trial", type=int, action="append", default=[], metavar="N",
                         help="mark RUNNING trial N (left by a worker that died without a heartbeat, e.g. "
                              "on journal storage) FAIL, queue its retry and exit (repeatable)")
@@ -370,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     if n_trials < 1:
         raise InputError(f"--trials {n_trials}: must be at least 1")
     study_name = args.study or params.tune.study
-    storage = args.storage or params.tune.storage or DEFAULT_STORAGE
+    storage = shared_storage_url(args.storage or params.tune.storage or DEFAULT_STORAGE)
     timeout = params.tune.timeout_s if args.timeout is None else args.timeout
     patch_set = load_patch_set(args.patches, "train")
     if args.fail_trial:
@@ -378,14 +363,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     INTERRUPT.install()
     try:
-        study = run_study(base_raw, patch_set, n_trials, study_name, storage, timeout, args.artifacts)
+        study = run_study(base_raw, patch_set, n_trials, study_name, storage, timeout, shared_path(args.artifacts))
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are kept in the study; rerun the same command to resume")
         raise SystemExit(130) from None
     print_summary(study)
-    if finished_counts(study)["complete"] == 0:
+    if trial_counts(study)["complete"] == 0:
         raise InputError(f"study {study_name!r}: no trial completed, so there is no best recipe")
-    write_outputs(study, patch_set.targets, args.best_out, args.metrics, args.cv_per_type)
+    write_outputs(study, patch_set.targets, StageOutputs(args.best_out, args.metrics, args.cv_per_type, args.history))
 
 
 if __name__ == "__main__":

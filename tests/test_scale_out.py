@@ -252,3 +252,20 @@ def test_workers_opening_an_empty_postgresql_database_at_once_all_get_the_storag
         worker.join(timeout=60)
     assert outcomes == ["ok"] * 4, outcomes
     assert optuna.get_all_study_names(create_storage(url, 60)) == []
+
+
+def test_relative_storage_artifacts_and_cache_lie_under_the_repository_root_in_dvc_copies(monkeypatch, tmp_path):
+    """DVC runs queued experiments in temporary copies and sets DVC_ROOT to the repository itself."""
+    from src.locations import shared_path, shared_storage_url
+
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmp123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert shared_storage_url("sqlite:///studies/studies.db") == f"sqlite:///{tmp_path}/repo/studies/studies.db"
+    assert shared_storage_url("journal:studies/s.journal") == f"journal:{tmp_path}/repo/studies/s.journal"
+    assert shared_path("cache/features") == tmp_path / "repo" / "cache" / "features"
+    for fixed in ("sqlite:////abs/s.db", "sqlite:///:memory:", "postgresql://u@h/db", "journal:/abs/j", "journal:"):
+        assert shared_storage_url(fixed) == fixed
+    monkeypatch.delenv("DVC_ROOT")
+    assert shared_path("cache/features") == copy / "cache" / "features"  # outside DVC: the working directory
