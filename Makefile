@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 TORCHSORT := torchsort==0.1.10
 
-.PHONY: setup browser postgres repro test test-fast bench dashboard clean
+.PHONY: setup browser vega postgres repro test test-fast bench dashboard exps plots clean
 
 setup: $(VENV)/.project-installed
 
@@ -58,6 +58,22 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	else echo "chromium not found and not installable here: the browser test will be skipped"; fi
 
+# `dvc plots show` writes a page that loads vega from a CDN. For offline viewing (and the browser test)
+# set-up keeps the versions that page names, from the npm registry, and an HTML template using them.
+VEGA_DIR := $(VENV)/share/vega
+VEGA_PACKAGES := vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2
+vega: $(VEGA_DIR)/offline.html
+
+$(VEGA_DIR)/offline.html: | $(BIN)/python
+	@if ! command -v npm >/dev/null 2>&1; then \
+	  echo "npm not found: offline plot pages (and their browser test) are not available"; exit 0; fi; \
+	mkdir -p $(VEGA_DIR) && cd $(VEGA_DIR) && npm pack --silent $(VEGA_PACKAGES) >/dev/null \
+	  && for p in vega vega-lite vega-embed; do tar xzf $$p-[0-9]*.tgz -O package/build/$$p.min.js > $$p.min.js; done \
+	  && rm -f ./*.tgz \
+	  && printf '<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n<title>DVC Plot</title>\n%s\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n' \
+	     "$$(for p in vega vega-lite vega-embed; do printf '<script src="file://%s/%s.min.js"></script>' "$$PWD" $$p; done)" \
+	     > offline.html
+
 # The scale-out tests start a throwaway PostgreSQL server (initdb/pg_ctl; Debian package postgresql).
 postgres:
 	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
@@ -66,7 +82,7 @@ postgres:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
 	else echo "PostgreSQL server not found and not installable here: its tests will be skipped (fail under CI)"; fi
 
-test: setup browser postgres
+test: setup browser vega postgres
 	$(BIN)/python -m pytest
 
 test-fast: setup
@@ -75,6 +91,17 @@ test-fast: setup
 bench: setup
 	$(BIN)/python -m src.bench stain
 	$(BIN)/python -m src.bench trial --set model.unfrozen_blocks=1
+
+# Experiments side by side: metrics, the tuned recipe and the params that differ; not the search space,
+# dependency hashes or code files (`dvc exp show` for everything).
+DVC = $(if $(wildcard $(BIN)/dvc),$(BIN)/dvc,dvc)
+EXPS_DROP := ^(src/[^:]*|data/[^:]*|metrics/[^:]*|models/[^:]*|tune\.space\..*|Created|State|Executor|studies/best_params\.yaml:(study|cv_spearman)|metrics/evaluate\.json:cv_spearman)$$
+exps:
+	@COLUMNS=$${COLUMNS:-300} $(DVC) exp show --no-pager --only-changed --drop '$(EXPS_DROP)'
+
+# The plots of the workspace (`make plots REVS="exp-a exp-b"` compares experiments), viewable offline.
+plots: vega
+	$(DVC) plots $(if $(REVS),diff $(REVS),show) --html-template $(VEGA_DIR)/offline.html
 
 # Review studies (trials, params, artifacts) at http://127.0.0.1:8080
 dashboard: setup

@@ -1,36 +1,17 @@
 """The DVC pipeline end to end in a throwaway repo: repro, no-op repro, partial rerun, push/pull."""
 import filecmp
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.dvc_repo import SMALL, make_repo
+from tests.dvc_repo import run_ok as _run
 
 pytestmark = pytest.mark.slow
 
-SMALL = {
-    "simulate": {"size": 240, "n_train": 2, "n_test": 1},
-    "stain": {"fit_pixels": 20000},
-    "patches": {"size": 32},
-    "model": {"backbone": "resnet10t", "input_size": 32, "unfrozen_blocks": 1, "hidden": 64},  # cached trials
-    "train": {"epochs": 1, "batch_size": 16},
-    "cv": {"n_folds": 2},
-    "infer": {"tta": ["identity", "hflip"]},
-    "tune": {"trials": 2},
-}
 STAGES = ("simulate", "normalize", "patches", "tune", "train", "evaluate")
-
-
-def _run(args, cwd, env):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
 
 
 def _files(folder: Path) -> list[Path]:
@@ -39,23 +20,7 @@ def _files(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """A git + DVC repo with this project's stages and code, params shrunk for speed."""
-    repo = tmp_path_factory.mktemp("pipeline") / "repo"
-    repo.mkdir()
-    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "data/.gitignore"):
-        (repo / name).parent.mkdir(exist_ok=True)
-        shutil.copy(ROOT / name, repo / name)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1")
-    _run(["git", "init", "-q"], repo, env)
-    _run(["dvc", "init", "-q"], repo, env)
-    return repo, env
+    return make_repo(tmp_path_factory.mktemp("pipeline") / "repo", SMALL)
 
 
 def test_repro_then_noop_then_only_changed_stages(repo):

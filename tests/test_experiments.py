@@ -1,0 +1,133 @@
+"""Comparing runs with `dvc exp`: experiments run directly and from the queue carry their metrics, the
+tuned recipe and a link to their study; queued ones keep their studies and reuse one feature cache."""
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import optuna
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT
+from tests.dvc_repo import SMALL, make_repo
+from tests.dvc_repo import run_ok as _run
+
+pytestmark = pytest.mark.slow
+DIRECT = {"alpha05": "loss.alpha=0.5", "gated": "model.fusion=gated"}
+QUEUED = {"q-epochs2": "train.epochs=2", "q-alpha02": "loss.alpha=0.2"}
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory):
+    path, env = make_repo(tmp_path_factory.mktemp("experiments") / "repo", SMALL)
+    _run(["dvc", "repro"], path, env)
+    _run(["git", "add", "-A"], path, env)
+    _run(["git", "commit", "-qm", "baseline"], path, env)
+    for name, override in DIRECT.items():
+        _run(["dvc", "exp", "run", "-n", name, "-S", override], path, env)
+    for name, override in QUEUED.items():
+        _run(["dvc", "exp", "run", "--queue", "-n", name, "-S", override], path, env)
+    _run(["dvc", "queue", "start", "-j", "1"], path, env)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            status = _run(["dvc", "queue", "status"], path, env)
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(5)
+        assert "Failed" not in status, status + _run(["dvc", "queue", "logs", "q-epochs2"], path, env)
+    finally:
+        _run(["dvc", "queue", "stop", "--kill"], path, env)
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], path, env))
+    return path, env, shown
+
+
+def _rows(shown: list) -> dict[str, dict]:
+    """Experiment name (or baseline/workspace rev) -> its data from `dvc exp show --json`."""
+    rows = {}
+    for baseline in shown:
+        rows[baseline["name"] or baseline["rev"]] = baseline["data"]
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                rows[rev["name"]] = rev["data"]
+    return rows
+
+
+def test_every_experiment_shows_its_metrics_and_tuned_recipe(experiments):
+    _, _, shown = experiments
+    rows = _rows(shown)
+    assert set(DIRECT) | set(QUEUED) <= set(rows), sorted(rows)
+    for name, data in rows.items():
+        evaluate = data["metrics"]["metrics/evaluate.json"]["data"]
+        for key in ("cv_spearman", "test_spearman", "floor_spearman", "skill"):
+            assert isinstance(evaluate[key], float), (name, key)
+        tune = data["metrics"]["metrics/tune.json"]["data"]
+        assert tune["study"].startswith("default-") and tune["best_cv_spearman"] == evaluate["cv_spearman"]
+        best = data["params"]["studies/best_params.yaml"]["data"]
+        assert best["study"] == tune["study"] and set(best["params"]) >= {"loss.alpha", "model.fusion"}
+    assert rows["alpha05"]["params"]["params.yaml"]["data"]["loss"]["alpha"] == 0.5
+    assert rows["q-epochs2"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
+
+
+def test_metrics_diff_between_two_experiments_gives_numbers(experiments):
+    path, env, _ = experiments
+    diff = json.loads(_run(["dvc", "metrics", "diff", "alpha05", "gated", "--json"], path, env))
+    evaluate = diff["metrics/evaluate.json"]
+    assert isinstance(evaluate["test_spearman"]["old"], float) and isinstance(evaluate["test_spearman"]["new"], float)
+
+
+def test_queued_experiments_keep_their_studies_and_share_one_feature_cache(experiments):
+    path, _, shown = experiments
+    rows = _rows(shown)
+    storage = f"sqlite:///{path}/studies/studies.db"
+    studies = {name: optuna.load_study(study_name=name, storage=storage)
+               for name in optuna.get_all_study_names(storage)}
+    for name in (*DIRECT, *QUEUED):
+        study = studies[rows[name]["metrics"]["metrics/tune.json"]["data"]["study"]]
+        assert name in [e["name"] for e in study.user_attrs["dvc_experiments"]], name
+        assert any(t.user_attrs.get("dvc_experiment") == name for t in study.trials), name
+    assert len(studies) >= 1 + len(DIRECT) + len(QUEUED)  # the baseline's and one per changed recipe
+    caches = list((path / "cache" / "features").glob("*/meta.json"))
+    assert len(caches) == 1, caches  # every run, queued ones included, read the same cache
+    assert not list((path / ".dvc" / "tmp" / "exps").glob("*/studies/*.db"))  # nothing left in the copies
+
+
+def test_make_exps_shows_results_and_the_tuned_recipe_without_the_search_space(experiments):
+    path, env, _ = experiments
+    table = _run(["make", "-s", "exps"], path, env)
+    header = " ".join(table.splitlines()[:4])
+    for column in ("test_spearman", "skill", "cv_spearman", "params.loss.alpha", "alpha05", "q-epochs2"):
+        assert column in table, column
+    assert "tune.space" not in header and "src/" not in header and "data/patches" not in header
+
+
+def test_dvc_plots_diff_of_two_experiments_renders_in_headless_chromium(experiments, tmp_path):
+    """The page `dvc plots diff` writes, with the offline vega copy set-up keeps, drawn by a real browser:
+    per-type CV and test bars and the optimization history for both experiments, and their pictures."""
+    template = ROOT / ".venv" / "share" / "vega" / "offline.html"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None or not template.is_file():
+        message = "chromium or the offline vega copy is missing (make test installs both)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    path, env, _ = experiments
+    out = tmp_path / "plots"
+    _run(["dvc", "plots", "diff", "alpha05", "gated", "-o", str(out), "--html-template", str(template)], path, env)
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+             f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files",
+             "--virtual-time-budget=15000"]
+    page = f"file://{out / 'index.html'}"
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('class="marks"') == 3, dom[-2000:]  # vega drew all three charts
+    for rev in ("alpha05", "gated"):
+        for picture in ("plots_spatial_map.png", "plots_per_type_spearman.png"):
+            assert f'src="static/{rev}_{picture}"' in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, "--window-size=1400,1800", f"--screenshot={shot}", page], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels[:900].std() > 20  # bars and axes, not a blank page
