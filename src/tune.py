@@ -216,7 +216,7 @@ def describe_study(study: optuna.Study, created: bool, name: str, identity: dict
         return f"study {study.study_name}: new"
     latest = max(others, key=lambda s: s._study_id)
     changed = what_changed(latest.user_attrs, identity) or ["nothing recorded"]
-    return f"study {study.study_name}: new; {' and '.join(changed)} differ from study {latest.study_name}"
+    return f"study {study.study_name}: new; changed since study {latest.study_name}: {', '.join(changed)}"
 
 
 def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: str, storage_url: str,

@@ -214,8 +214,8 @@ def test_new_data_starts_a_new_study_that_runs_trials_and_says_why(tmp_path, tra
     second = _study(tmp_path, raw, 1, relabelled, log=lines.append)
     assert second.study_name != first.study_name
     assert sum(t.state == TrialState.COMPLETE for t in second.trials) == 1  # measured anew, not reused
-    assert lines[-1] == (f"study {second.study_name}: new; the training data (patch store) differ from "
-                         f"study {first.study_name}")
+    assert lines[-1] == (f"study {second.study_name}: new; changed since study {first.study_name}: "
+                         "the training data (patch store)")
     assert second.user_attrs["data"] == relabelled.digest() and "torch" in second.user_attrs["versions"]
 
 
