@@ -95,9 +95,9 @@ bench: setup
 # Experiments side by side: metrics, the tuned recipe and the params that differ; not the search space,
 # dependency hashes or code files (`dvc exp show` for everything).
 DVC = $(if $(wildcard $(BIN)/dvc),$(BIN)/dvc,dvc)
-EXPS_DROP := ^(src/[^:]*|data/[^:]*|metrics/[^:]*|models/[^:]*|tune\.space\..*|Created|State|Executor|studies/best_params\.yaml:(study|cv_spearman)|metrics/evaluate\.json:cv_spearman)$$
+EXPS_DROP := ^(src/[^:]*|data/[^:]*|metrics/[^:]*|models/[^:]*|tune\.space\..*|Created|State|Executor|trial|studies/best_params\.yaml:(study|cv_spearman|trial)|metrics/evaluate\.json:cv_spearman|metrics/tune\.json:floor_spearman)$$
 exps:
-	@COLUMNS=$${COLUMNS:-300} $(DVC) exp show --no-pager --only-changed --drop '$(EXPS_DROP)'
+	@COLUMNS=$${COLUMNS:-300} $(DVC) exp show --no-pager --only-changed --drop '$(EXPS_DROP)' $(ARGS)
 
 # The plots of the workspace (`make plots REVS="exp-a exp-b"` compares experiments), viewable offline.
 plots: vega
