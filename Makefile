@@ -89,6 +89,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup
+	$(BIN)/python -m src.bench data
 	$(BIN)/python -m src.bench stain
 	$(BIN)/python -m src.bench trial --set model.unfrozen_blocks=1
 

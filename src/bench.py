@@ -1,4 +1,7 @@
-"""Benchmarks that print figures: ``python -m src.bench stain`` and ``python -m src.bench trial``.
+"""Benchmarks that print figures: ``python -m src.bench stain``, ``trial`` and ``data``.
+
+``data``: the statistics the competition's data is known by (``src.data_statistics``), for the
+simulated data params.yaml describes (with ``--set simulate.*`` overrides) or for a file (``--h5``).
 
 ``stain``: on a simulated 2000 x 2000 slide, staintools' ``StainNormalizer.transform`` against
 :class:`src.stain.StainNormalizer` with the same fitted target, side by side in one run: seconds,
@@ -179,6 +182,49 @@ def _print_pruning_table(console, pruning: dict) -> None:
                   f"{pruning['median']['best'] - pruning['none']['best']:+.4f}")
 
 
+def bench_data(overrides: list[str], h5: str | None) -> tuple[str, dict]:
+    from src.data_statistics import abundance_statistics
+
+    if h5:
+        from src.slides import open_h5, read_spots, slide_refs, target_names
+
+        with open_h5(h5) as f:
+            train = {}
+            for ref in (r for r in slide_refs(f) if r.split == "Train"):
+                spots = read_spots(f, ref)
+                train[ref.name] = spots[target_names(list(spots.columns))].to_numpy(np.float64)
+        return h5, abundance_statistics(train)
+    from src.config import load_params
+    from src.synthetic import simulate
+
+    cfg = load_params(overrides=overrides).simulate
+    slides, _ = simulate(cfg)
+    train = {name: s.observed for split, name, s in slides if split == "Train"}
+    tests = [s for split, _, s in slides if split == "Test"]
+    test = np.concatenate([s.observed for s in tests]) if tests else None
+    expected = np.concatenate([s.expected for s in tests]) if tests else None
+    label = f"simulated (seed {cfg.seed}, {cfg.n_train}+{cfg.n_test} slides of {cfg.size} px)"
+    return label, abundance_statistics(train, test, expected)
+
+
+def print_data(label: str, stats: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"abundance statistics: {label}", title_justify="left")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v:.3f}" for k, v in value.items())
+        elif isinstance(value, tuple):
+            value = " - ".join(f"{v:.3g}" for v in value)
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        table.add_row(key, str(value))
+    Console(width=110).print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -193,8 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     trial.add_argument("--study-trials", type=int, default=12,
                        help="trials per study for the pruning figure (0 skips it)")
     trial.add_argument("--pruning-only", action="store_true", help="skip the cached/uncached trial figure")
+    data = sub.add_parser("data", help="statistics of simulated data (params.yaml) or of a file")
+    data.add_argument("--h5", default=None, help="a file in the competition layout (training slides)")
+    data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a simulate.* param, e.g. simulate.seed=3 (repeatable)")
     args = parser.parse_args(argv)
-    if args.what == "stain":
+    if args.what == "data":
+        print_data(*bench_data(args.set, args.h5))
+    elif args.what == "stain":
         print_stain(bench_stain(args.size, args.repeats), args.size)
     else:
         import shutil

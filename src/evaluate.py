@@ -53,14 +53,14 @@ def read_truth(path: Path, spots: pd.DataFrame, targets: list[str], split: str =
     return observed, expected
 
 
-def read_cv_per_type(path: Path, targets: list[str]) -> np.ndarray:
+def read_cv_per_type(path: Path) -> pd.Series:
     """The best trial's out-of-fold Spearman per cell type (written by the tune stage)."""
     if not path.is_file():
         raise InputError(f"{path}: not found (run `python -m src.tune` or `dvc repro tune` first)")
     table = pd.read_csv(path)
-    if list(table.get("cell_type", [])) != targets or "cv_spearman" not in table:
-        raise InputError(f"{path}: expected columns cell_type, cv_spearman for the cell types {targets[0]}..")
-    return table["cv_spearman"].to_numpy(np.float64)
+    if not {"cell_type", "cv_spearman"} <= set(table.columns):
+        raise InputError(f"{path}: expected columns cell_type, cv_spearman")
+    return table.set_index("cell_type")["cv_spearman"]
 
 
 def submission(pred: np.ndarray, names: list[str]) -> pd.DataFrame:
@@ -70,7 +70,7 @@ def submission(pred: np.ndarray, names: list[str]) -> pd.DataFrame:
 
 
 def evaluate(model_path: Path, patches: Path, truth_path: Path | None, cv_metrics: dict,
-             cv_per_type: np.ndarray, out_submission: Path, out_metrics: Path, out_per_type: Path,
+             cv_per_type: pd.Series, out_submission: Path, out_metrics: Path, out_per_type: Path,
              plots: Path) -> dict:
     """Predict the test slides and write every declared output; test scores only with a truth file.
 
@@ -81,6 +81,10 @@ def evaluate(model_path: Path, patches: Path, truth_path: Path | None, cv_metric
     test_set: PatchSet = load_patch_set(patches, "test")
     if test_set.targets != meta["targets"]:
         raise InputError(f"{patches}: cell types differ from the checkpoint's {model_path}")
+    if list(cv_per_type.index) != meta["targets"]:
+        raise InputError(f"per-type CV scores name other cell types than the checkpoint {model_path} "
+                         "(rerun the tune stage)")
+    cv_per_type = cv_per_type.to_numpy(np.float64)
     true = expected = None
     if truth_path is not None:  # read (and checked) before anything is written
         true, expected = read_truth(truth_path, test_set.spots, meta["targets"])
@@ -133,9 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"{args.tune_metrics}: not found (run `python -m src.tune` or `dvc repro tune` first)")
     tune = json.loads(args.tune_metrics.read_text())
     cv = {"cv_spearman": tune.get("best_cv_spearman"), "cv_floor_spearman": tune.get("floor_spearman")}
-    targets = load_checkpoint(args.model)[1]["targets"]
     truth = Path(params.data.truth) if params.data.truth else None
-    m = evaluate(args.model, args.patches, truth, cv, read_cv_per_type(args.cv_per_type, targets),
+    m = evaluate(args.model, args.patches, truth, cv, read_cv_per_type(args.cv_per_type),
                  args.submission, args.metrics, args.per_type, args.plots)
     print("  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
 

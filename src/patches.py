@@ -20,7 +20,7 @@ from src.config import PatchesConfig, add_params_arguments, load_params
 from src.errors import InputError, exit_on_input_error
 from src.io_utils import atomic_path
 from src.normalize import SLIDES_FILE
-from src.registration import MIN_SPOTS, Registration, estimate_offset, tissue_fraction
+from src.registration import MIN_SPOTS, Registration, estimate_offset, tissue_cover, tissue_fraction
 from src.slides import SlideRef, open_h5, read_image_uint8, read_spots, slide_refs, target_names
 
 META_FILE = "meta.json"
@@ -115,8 +115,9 @@ def extract_patches(normalized: Path, out_dir: Path, cfg: PatchesConfig, log=pri
                 x, y = table["x"].to_numpy(), table["y"].to_numpy()
                 array[start : start + len(table)] = crop_patches(image, x, y, cfg.size, reg.offset)
                 start += len(table)
-                off_tissue = np.flatnonzero(tissue_fraction(image, x + reg.offset[0], y + reg.offset[1]) < OFF_TISSUE)
-                off_before = int((tissue_fraction(image, x, y) < OFF_TISSUE).sum())
+                cover = tissue_cover(image)
+                off_tissue = np.flatnonzero(tissue_fraction(cover, x + reg.offset[0], y + reg.offset[1]) < OFF_TISSUE)
+                off_before = int((tissue_fraction(cover, x, y) < OFF_TISSUE).sum())
                 rows.append(table.assign(slide=ref.name, spot=np.arange(len(table))))
                 meta["offsets"][ref.name] = list(reg.offset)
                 meta["registration"][ref.name] = _registration_record(reg, off_tissue, off_before)
@@ -133,7 +134,7 @@ def extract_patches(normalized: Path, out_dir: Path, cfg: PatchesConfig, log=pri
 
 
 def _registration_record(reg: Registration, off_tissue: np.ndarray, off_before: int) -> dict:
-    record = {"source": reg.source, "offset": list(reg.offset)}
+    record = {"source": reg.source}  # the offset itself: meta["offsets"]
     if reg.source == "estimated":
         record.update(best_shift=list(reg.candidate), cv_r2=round(reg.r2, 4),
                       cv_r2_unshifted=round(reg.r2_unshifted, 4), gain=round(reg.gain, 4),

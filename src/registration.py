@@ -22,6 +22,7 @@ from scipy.special import ndtri
 from scipy.stats import rankdata
 
 from src.splits import balanced_blocks
+from src.stain import optical_density
 
 SPOT_RADIUS = 13.0  # px
 DOWNSAMPLE = 2  # features are read off a half-resolution image (they are smoothed at >= 6 px anyway)
@@ -53,10 +54,15 @@ class Registration:
         return None if self.r2 is None else self.r2 - self.r2_unshifted
 
 
+def _small_optical_density(rgb: np.ndarray) -> np.ndarray:
+    """H' x W' x 3 optical density of a uint8 RGB slide at 1/DOWNSAMPLE resolution."""
+    small = np.ascontiguousarray(rgb[::DOWNSAMPLE, ::DOWNSAMPLE])
+    return optical_density(small).reshape(small.shape)
+
+
 def feature_maps(rgb: np.ndarray) -> np.ndarray:
     """H' x W' x F local image features of a uint8 RGB slide, at 1/DOWNSAMPLE resolution."""
-    small = rgb[::DOWNSAMPLE, ::DOWNSAMPLE].astype(np.float32)
-    od = -np.log(np.maximum(small, 1.0) / 255.0)  # optical density per channel
+    od = _small_optical_density(rgb)
     total = od.sum(axis=2)
     layers = [od[..., c] for c in range(3)] + [(total > TISSUE_OD).astype(np.float32),
                                                (total > NUCLEUS_OD).astype(np.float32)]
@@ -170,14 +176,18 @@ def estimate_offset(rgb: np.ndarray, x: np.ndarray, y: np.ndarray, abundance: np
                         null_r2=null_best)
 
 
-def tissue_fraction(rgb: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Share of each spot's disc (radius 13 px) that is tissue, at positions (x, y)."""
-    small = rgb[::DOWNSAMPLE, ::DOWNSAMPLE].astype(np.float32)
-    tissue = -np.log(np.maximum(small, 1.0) / 255.0).sum(axis=2) > TISSUE_OD
+def tissue_cover(rgb: np.ndarray) -> np.ndarray:
+    """Share of a spot's disc (radius 13 px) that is tissue, for a spot centred at each pixel of the
+    slide at 1/DOWNSAMPLE resolution."""
+    tissue = _small_optical_density(rgb).sum(axis=2) > TISSUE_OD
     # Closing bridges the empty inside of fat cells (about 30 px): adipose tissue is tissue.
     tissue = ndimage.binary_closing(tissue, _disc(FAT_CELL_RADIUS / DOWNSAMPLE)).astype(np.float32)
     disc = _disc(SPOT_RADIUS / DOWNSAMPLE).astype(np.float32)
-    cover = ndimage.convolve(tissue, disc / disc.sum(), mode="constant")
+    return ndimage.convolve(tissue, disc / disc.sum(), mode="constant")
+
+
+def tissue_fraction(cover: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Share of each spot's disc that is tissue at positions (x, y), from :func:`tissue_cover`."""
     rows = np.clip(np.rint(y / DOWNSAMPLE).astype(int), 0, cover.shape[0] - 1)
     cols = np.clip(np.rint(x / DOWNSAMPLE).astype(int), 0, cover.shape[1] - 1)
     return cover[rows, cols]

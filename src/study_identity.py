@@ -9,6 +9,7 @@ left out, so workers with other settings of those share the study.
 
 The code digest covers the ``src`` modules a trial imports, directly or not, compared by syntax tree
 without docstrings: editing a comment or a docstring keeps the study, editing code starts a new one.
+The data stages' modules are not part of it: they reach the trials only through the patch store.
 Library versions are recorded on the study (``versions``) but not part of its name.
 """
 from __future__ import annotations
@@ -29,7 +30,10 @@ RUN_ONLY = {
 # Sections upstream of the patch store: the data digest covers their effect (data.truth has none).
 UPSTREAM = ("data", "simulate", "stain", "patches")
 TRIAL_ROOTS = ("src.tune",)  # the objective; what it imports (training, model, loss, ...) follows
-NOT_TRIAL_CODE = {"src.storage", "src.tune_display", "src.report"}  # where a study lives, how it is shown
+# Where a study lives and how it is shown; and src.patches, imported by the patch-store reader for
+# a file name only: the data stages' code acts on trials through the patch store's content (the data
+# digest), so a refactor there that leaves the patches as they are keeps the study.
+NOT_TRIAL_CODE = {"src.storage", "src.tune_display", "src.report", "src.patches"}
 LIBRARIES = ("torch", "timm", "torchsort", "numpy", "optuna")
 
 

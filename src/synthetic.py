@@ -9,7 +9,7 @@ between slides. Spots lie on a hexagonal lattice inside tissue.
 Abundances mimic deconvolved cell counts as the competition's are: about 9 cells per spot, strictly
 positive, spanning about ten decades. Most cell types live everywhere (a common ranking, so the
 training mean profile already scores ~0.55); the others live in one or two compartments and sink
-2-4 decades elsewhere (bimodal within-spot ranks: what the image can tell). On each slide a third of
+1.5-3 decades elsewhere (bimodal within-spot ranks: what the image can tell). On each slide a third of
 the types rise or fall up to 6x beyond what the tissue explains, a smooth field that the image does
 not show moves every type a little, and measurement noise widens for rare types. The training slides'
 stored spot coordinates are misregistered by ``simulate.offsets`` (the test slides are aligned).
@@ -91,16 +91,17 @@ class SimulatedSlide:
 @dataclass(frozen=True)
 class CellTypes:
     """What each compartment holds: ``profiles[k, t]`` is the abundance of type t in a spot fully
-    covered by compartment k at median cell density."""
+    covered by compartment k at mean cell density."""
 
     profiles: np.ndarray  # K x T
     specific: np.ndarray  # T bool: present in one or two compartments only (region-specific)
 
 
 def cell_types(rng: np.random.Generator, n_types: int) -> CellTypes:
-    """A quarter of the types live everywhere (always mid-to-high within a spot); the others live in one
-    or two compartments and drop 3-5 decades elsewhere, so their within-spot rank is bimodal and they
-    carry most of what the image can tell. Levels are log-normal: a few types reach tens of cells."""
+    """UBIQUITOUS_SHARE of the types live everywhere (a ranking shared by every spot); the others live
+    in one or two compartments and drop RESIDUE_DECADES elsewhere, so their within-spot rank is bimodal
+    and they carry most of what the image can tell. Levels are log-normal: a few types reach tens of
+    cells."""
     level = np.exp(rng.normal(LEVEL_LOG_MEAN, LEVEL_LOG_SD, n_types))
     specific = np.ones(n_types, dtype=bool)
     specific[rng.choice(n_types, max(1, round(UBIQUITOUS_SHARE * n_types)), replace=False)] = False
@@ -255,7 +256,7 @@ def _hidden_fields(rng, size: int, n_types: int, x: np.ndarray, y: np.ndarray) -
 
 def _noise_sd(expected: np.ndarray, peak: np.ndarray) -> np.ndarray:
     """Log-scale noise: moderate where a type is present, wide where it is only a residue (real
-    deconvolved abundances span about 8 decades, down to ~1e-10, with no exact zeros)."""
+    deconvolved abundances span about ten decades, down to ~1e-10, with no exact zeros)."""
     decades_below_peak = np.clip(-np.log10(expected / peak[None, :]), 0.0, None)
     return np.minimum(PRESENT_NOISE_SD + RESIDUE_NOISE_SD_PER_DECADE * decades_below_peak, MAX_NOISE_SD)
 

@@ -148,8 +148,9 @@ CV_PER_TYPE = np.linspace(-0.1, 0.6, 35)
 
 
 def _evaluate(tiny_patches, checkpoint, truth, out):
+    per_type = pd.Series(CV_PER_TYPE, index=[f"C{i}" for i in range(1, 36)])
     return evaluate(checkpoint, tiny_patches / "patches", truth, {"cv_spearman": 0.5, "cv_floor_spearman": 0.4},
-                    CV_PER_TYPE, out / "submission.csv", out / "evaluate.json", out / "per_type.csv", out / "plots")
+                    per_type, out / "submission.csv", out / "evaluate.json", out / "per_type.csv", out / "plots")
 
 
 def test_evaluate_writes_submission_metrics_and_pictures(tiny_patches, tiny_dataset, checkpoint, tmp_path):
