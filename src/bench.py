@@ -1,4 +1,7 @@
-"""Benchmarks that print figures: ``python -m src.bench stain``, ``trial`` and ``data``.
+"""Benchmarks that print figures: ``python -m src.bench stain``, ``trial``, ``data`` and ``search``.
+
+``search``: hand-set vs tuned recipe on the test slide over several simulated data sets, and whether
+the CV ranks recipes as the test slide does (``src.bench_search``).
 
 ``data``: the statistics the competition's data is known by (``src.data_statistics``), for the
 simulated data params.yaml describes (with ``--set simulate.*`` overrides) or for a file (``--h5``).
@@ -243,8 +246,22 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--h5", default=None, help="a file in the competition layout (training slides)")
     data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a simulate.* param, e.g. simulate.seed=3 (repeatable)")
+    search = sub.add_parser("search", help="hand-set vs tuned recipe on the test slide, per simulate.seed")
+    search.add_argument("--seeds", type=int, nargs="+", default=[12, 13, 14], help="simulate.seed values")
+    search.add_argument("--trials", type=int, default=None, help="trials per study (default: tune.trials)")
+    search.add_argument("--work", type=Path, default=Path("cache/bench-search"),
+                        help="work folder (data, studies and caches per seed; reused when rerun)")
+    search.add_argument("--replay", action="store_true",
+                        help="run the studies without pruning and replay every pruner over them")
+    search.add_argument("--params", type=Path, default=Path("params.yaml"))
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for every seed (repeatable)")
     args = parser.parse_args(argv)
-    if args.what == "data":
+    if args.what == "search":
+        from src.bench_search import bench_search
+
+        bench_search(args.seeds, args.params, args.set, args.work, args.trials, args.replay)
+    elif args.what == "data":
         print_data(*bench_data(args.set, args.h5))
     elif args.what == "stain":
         print_stain(bench_stain(args.size, args.repeats), args.size)

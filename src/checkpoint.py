@@ -1,5 +1,6 @@
-"""Self-describing checkpoints: model config, targets, preprocessing and stain reference with the
-weights, so evaluation and prediction rebuild the model without params.yaml or a study."""
+"""Self-describing checkpoints: model config, targets, target transform, preprocessing and stain
+reference with the weights of one model or of an ensemble (the CV's fold models), so evaluation and
+prediction rebuild the model without params.yaml or a study."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,29 +8,33 @@ from pathlib import Path
 
 import torch
 
-from src.config import InferConfig, ModelConfig
+from src.config import InferConfig, LossConfig, ModelConfig
 from src.errors import InputError
 from src.io_utils import atomic_path
-from src.model import SpatialCellModel
+from src.model import Ensemble, SpatialCellModel
 
 
-def save_checkpoint(path: str | Path, model: SpatialCellModel, *, targets: list[str],
-                    target_transform: str, patch_size: int, infer: InferConfig, stain: dict) -> None:
+def save_checkpoint(path: str | Path, model: SpatialCellModel | Ensemble, *, targets: list[str],
+                    loss: LossConfig, patch_size: int, infer: InferConfig, stain: dict) -> None:
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
     payload = {
         "model_config": dataclasses.asdict(model.cfg),
         "targets": list(targets),
-        "target_transform": target_transform,
+        "target_transform": loss.target_transform,
+        "log_epsilon": loss.log_epsilon,
         "patch_size": int(patch_size),
         "infer": dataclasses.asdict(infer),
         "stain": stain,
-        "state_dict": model.state_dict(),
+        "state_dicts": [m.state_dict() for m in members],
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[SpatialCellModel, dict]:
-    """(model in eval mode, the rest of the checkpoint's fields)."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[SpatialCellModel | Ensemble, dict]:
+    """(model in eval mode -- an :class:`Ensemble` when the checkpoint holds several --, the rest of
+    the checkpoint's fields)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
@@ -37,11 +42,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # pickle/zip errors differ by torch version; all mean the same here
         raise InputError(f"{path}: not a checkpoint of this project ({type(err).__name__})") from None
-    if not isinstance(payload, dict) or "state_dict" not in payload or "model_config" not in payload:
-        raise InputError(f"{path}: not a checkpoint of this project (no model_config/state_dict)")
+    if not isinstance(payload, dict) or "state_dicts" not in payload or "model_config" not in payload:
+        raise InputError(f"{path}: not a checkpoint of this project (no model_config/state_dicts)")
     # Weights come from the checkpoint: no hub download, no local backbone file needed.
     cfg = dataclasses.replace(ModelConfig(**payload["model_config"]), pretrained=False, weights="")
-    model = SpatialCellModel(cfg, n_outputs=len(payload["targets"]))
-    model.load_state_dict(payload.pop("state_dict"))
+    members = []
+    for state in payload.pop("state_dicts"):
+        member = SpatialCellModel(cfg, n_outputs=len(payload["targets"]))
+        member.load_state_dict(state)
+        members.append(member)
+    model = members[0] if len(members) == 1 else Ensemble(members)
     meta = dict(payload, infer=InferConfig(**payload["infer"]))
     return model.eval(), meta

@@ -62,6 +62,7 @@ class ModelConfig:
     pretrained: bool  # timm hub weights (needs network); ignored when `weights` is set
     weights: str  # local .safetensors / .pt state dict for offline machines ("" = none)
     input_size: int  # px fed to the backbone; 0 = the backbone's own data-config size
+    context: int  # px of tissue around the spot the backbone sees (centre crop of the patch); 0 = whole patch
     unfrozen_blocks: int  # the last k blocks of the backbone train; 0 = frozen backbone
     fusion: str  # how coordinates join image features: product | concat | film | gated | none
     coord_dim: int  # width of the coordinate encoder
@@ -73,7 +74,8 @@ class ModelConfig:
 class LossConfig:
     alpha: float  # weight of (1 - soft Spearman); (1 - alpha) weighs the MSE
     regularization: float  # torchsort soft_rank regularization strength (-> 0: hard ranks)
-    target_transform: str  # log1p | rank (within spot) | raw
+    target_transform: str  # log (of abundance + log_epsilon) | log1p | rank (within spot) | raw
+    log_epsilon: float  # added before `log`: abundances are strictly positive but span ~10 decades
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class TrainConfig:
     feature_cache: bool  # cache the frozen backbone prefix per patch and dihedral variant (src/features.py)
     cache_dir: str  # where cached features live (never under git; safe to delete)
     compile: bool  # torch.compile the model's modules (worth it on a GPU; slow to start on a CPU)
+    final: str  # the model stage `train` delivers: ensemble (the CV's fold models) | retrain (one on all spots)
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,10 @@ class TuneConfig:
     study: str  # study name inside the storage
     storage: str  # Optuna storage URL; "" = sqlite:///studies/studies.db
     sampler_seed: int  # TPE seed
-    pruner: str  # median | hyperband | none (fed with the running CV score per epoch)
-    pruner_startup_trials: int  # trials finished before the median pruner may prune
+    pruner: str  # wilcoxon | median | hyperband | none (fed with each CV fold's score)
+    pruner_startup_trials: int  # complete trials before the pruner may prune
+    sigma_grid: list[float]  # smoothing sigmas (px) each trial's out-of-fold predictions are scored with; the best is kept
+    warm_start: int  # a new study first runs this many best recipes of earlier studies of the same name; 0 = off
     timeout_s: float  # stop starting new trials after this many seconds; 0 = no limit
     heartbeat_s: int  # RDB heartbeat interval; a trial silent for 2x this is failed and retried
     space: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> field -> range or choices
@@ -223,6 +228,8 @@ def _is_open_mapping(path: list[str]) -> bool:
     """Keys under a ``dict[...]`` field (e.g. patches.offsets.S_1) may be new."""
     cls: Any = Params
     for part in path[:-1]:
+        if typing.get_origin(cls) is dict:  # inside a mapping (e.g. tune.space.model.backbone): open
+            return True
         if not dataclasses.is_dataclass(cls):
             return False
         hints = typing.get_type_hints(cls)

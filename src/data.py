@@ -108,17 +108,19 @@ class RandomDihedral(torch.nn.Module):
 
 
 def build_transform(prep: Preprocessing, patch_size: int, train: TrainConfig | None) -> v2.Compose:
-    """uint8 CHW tensor -> normalized float tensor at the backbone's input size (+ augmentation)."""
-    steps: list = []
+    """uint8 CHW patch -> the spot's context (centre crop), augmented when training, resized to the
+    backbone's input size and normalized."""
+    crop = prep.crop(patch_size)
+    steps: list = [v2.CenterCrop(crop)] if crop < patch_size else []
     if train is not None:
         if train.resized_crop > 0:
-            steps.append(v2.RandomResizedCrop(patch_size, scale=(train.resized_crop, 1.0), antialias=True))
+            steps.append(v2.RandomResizedCrop(crop, scale=(train.resized_crop, 1.0), antialias=True))
         if train.flips:
             steps.append(RandomDihedral())
         if train.color_jitter > 0:
             j = train.color_jitter
             steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j, 0.5) / 2))
-    if prep.input_size != patch_size:
+    if prep.input_size != crop:
         steps.append(v2.Resize(prep.input_size, antialias=True))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
     return v2.Compose(steps)

@@ -212,7 +212,7 @@ def cache_key(model: SpatialCellModel, split: PrefixSplit, patch_set: PatchSet,
     prep = model.preprocessing
     return {"backbone": model.cfg.backbone, "weights": _digest_tensors(prefix_weights + buffers),
             "patches": patch_set.images_digest(), "patch_size": patch_set.patch_size,
-            "input_size": prep.input_size, "mean": list(prep.mean), "std": list(prep.std),
+            "input_size": prep.input_size, "context": prep.crop(patch_set.patch_size), "mean": list(prep.mean), "std": list(prep.std),
             "cut": split.cut, "variants": list(variants), "dtype": np.dtype(CACHE_DTYPE).name}
 
 

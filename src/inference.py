@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from src.data import DIHEDRAL, PatchSet, SpotDataset, build_transform, dihedral
 from src.errors import InputError
-from src.model import SpatialCellModel
+from src.model import Ensemble, SpatialCellModel
 
 
 def default_device() -> torch.device:
@@ -32,7 +32,7 @@ def check_tta(names: list[str]) -> None:
 
 
 @torch.inference_mode()
-def predict(model: SpatialCellModel, patch_set: PatchSet, rows: np.ndarray, tta: list[str],
+def predict(model: SpatialCellModel | Ensemble, patch_set: PatchSet, rows: np.ndarray, tta: list[str],
             batch_size: int = 256, device: torch.device | None = None, cached: tuple | None = None
             ) -> np.ndarray:
     """Mean prediction over the ``tta`` transforms for the given rows (N x T, target space).
@@ -80,7 +80,7 @@ def _predict_cached(model, patch_set, rows, tta, batch_size, device, cache, spli
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(patch_set.targets)))
 
 
-def predict_abundance(model: SpatialCellModel, meta: dict, patch_set: PatchSet,
+def predict_abundance(model: SpatialCellModel | Ensemble, meta: dict, patch_set: PatchSet,
                       device: torch.device | None = None) -> np.ndarray:
     """What a checkpoint predicts for every spot of ``patch_set``: TTA, then spatial smoothing per
     slide, on the abundance scale (N x T). Settings come from the checkpoint (``meta``)."""
@@ -92,4 +92,4 @@ def predict_abundance(model: SpatialCellModel, meta: dict, patch_set: PatchSet,
     pred = predict(model, patch_set, rows, infer.tta, infer.batch_size, device)
     pred = smooth(pred, patch_set.xy(), patch_set.spots["slide"].to_numpy(), infer.smoothing_sigma,
                   infer.smoothing_truncate)
-    return to_abundance_scale(pred, meta["target_transform"])
+    return to_abundance_scale(pred, meta["target_transform"], meta["log_epsilon"])

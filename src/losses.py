@@ -15,11 +15,20 @@ from scipy.stats import rankdata
 from src.config import LossConfig
 from src.errors import InputError
 
-TARGET_TRANSFORMS = ("log1p", "rank", "raw")
+TARGET_TRANSFORMS = ("log", "log1p", "rank", "raw")
 
 
-def transform_targets(abundance: np.ndarray, kind: str) -> np.ndarray:
-    """Abundances (N x T, >= 0) -> regression targets. Never ``log`` of a value that can be 0."""
+def transform_targets(abundance: np.ndarray, kind: str, epsilon: float = 0.0) -> np.ndarray:
+    """Abundances (N x T, >= 0) -> regression targets.
+
+    ``log`` takes ``log(abundance + epsilon)``: real abundances are strictly positive and span about
+    ten decades, and ``log1p`` maps every value below ~0.01 to nearly the same number, losing the order
+    the metric scores. ``epsilon`` sets where small values stop being told apart (it must be > 0 so a
+    zero cannot give -inf)."""
+    if kind == "log":
+        if not epsilon > 0:
+            raise InputError(f"params: loss.log_epsilon = {epsilon}: must be > 0 for target_transform log")
+        return np.log(abundance + epsilon)
     if kind == "log1p":
         return np.log1p(abundance)
     if kind == "rank":  # within-spot average ranks scaled to (0, 1]
@@ -29,11 +38,13 @@ def transform_targets(abundance: np.ndarray, kind: str) -> np.ndarray:
     raise InputError(f"params: loss.target_transform = {kind!r}: choose {', '.join(TARGET_TRANSFORMS)}")
 
 
-def to_abundance_scale(predictions: np.ndarray, kind: str) -> np.ndarray:
-    """Undo ``transform_targets`` where it is invertible (log1p); ranks and raw stay as they are.
+def to_abundance_scale(predictions: np.ndarray, kind: str, epsilon: float = 0.0) -> np.ndarray:
+    """Undo ``transform_targets`` where it is invertible (log, log1p); ranks and raw stay as they are.
 
     Only within-spot order is scored, and every transform here is monotone, so the order is kept.
     """
+    if kind == "log":
+        return np.clip(np.exp(predictions) - epsilon, 0.0, None)
     return np.expm1(predictions) if kind == "log1p" else predictions
 
 

@@ -22,11 +22,20 @@ _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What the backbone expects, read from its timm data config."""
+    """What the backbone sees: the centre ``context`` px of a patch (0 = all of it), resized to
+    ``input_size`` and normalized with the mean and std of its timm data config."""
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_size: int
+    context: int = 0
+
+    def crop(self, patch_size: int) -> int:
+        """Edge of the centre crop taken from a ``patch_size`` patch."""
+        if self.context > patch_size:
+            raise InputError(f"params: model.context = {self.context} px exceeds the patch store's "
+                             f"{patch_size} px patches (raise patches.size)")
+        return self.context or patch_size
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
@@ -146,7 +155,7 @@ class SpatialCellModel(nn.Module):
         data_cfg = timm.data.resolve_data_config({}, model=self.backbone)
         self.preprocessing = Preprocessing(
             mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
-            input_size=cfg.input_size or int(data_cfg["input_size"][-1]),
+            input_size=cfg.input_size or int(data_cfg["input_size"][-1]), context=cfg.context,
         )
         self.blocks = backbone_blocks(self.backbone)
         if not 0 <= cfg.unfrozen_blocks <= len(self.blocks):
@@ -203,6 +212,27 @@ class SpatialCellModel(nn.Module):
         if self.fusion is not None:
             fused = self.fusion(fused, self.coord_encoder(coords))
         return self.head(fused)
+
+    def forward(self, images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images), coords)
+
+
+class Ensemble(nn.Module):
+    """Models of one recipe (the CV's fold models) that predict as one: the mean of their outputs."""
+
+    def __init__(self, members: list[SpatialCellModel]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        self.members = nn.ModuleList(members)
+        self.cfg = members[0].cfg
+        self.preprocessing = members[0].preprocessing
+
+    def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [m.forward_features(images) for m in self.members]
+
+    def forward_head(self, features: list[torch.Tensor], coords: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.forward_head(f, coords) for m, f in zip(self.members, features)]).mean(dim=0)
 
     def forward(self, images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images), coords)

@@ -6,6 +6,11 @@ numeric range ``{low, high[, log][, step]}`` (int or float, following the field'
 ``{choices: [...]}``. Trial params are named ``section.field``.
 ``suggest`` is the one function that turns a trial into a config: the search uses it with live
 trials and the retrain of the best trial with a fixed one, so both build the exact same recipe.
+
+Conditional fields (``CONDITIONS``) are drawn only when they act: ``train.lr_backbone`` only when a
+trial unfreezes backbone blocks, ``loss.log_epsilon`` only for ``log`` targets, and so on; otherwise
+the trial does not carry them and TPE spends no samples on them. Fields a trial cannot honour as a
+searched value (``UNSEARCHABLE``) are an error with the reason.
 """
 from __future__ import annotations
 
@@ -13,13 +18,35 @@ import copy
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from src.config import Params, params_from_dict
 from src.errors import InputError
 
 NOT_SEARCHABLE = {"data", "simulate", "stain", "patches", "tune"}  # data stages / the search itself
 RANGE_KEYS = {"low", "high", "log", "step"}
+UNSEARCHABLE = {
+    "infer.smoothing_sigma": "every trial scores its out-of-fold predictions with each of tune.sigma_grid "
+                             "and keeps the best (free: no retraining); list the sigmas there",
+    "train.final": "the CV scores fold models either way; it cannot tell ensemble from retrain",
+    "cv": "the CV is the yardstick trials are compared by; set it in params.yaml",
+    "train.feature_cache": "it changes how a trial runs, not the recipe",
+    "train.cache_dir": "it changes how a trial runs, not the recipe",
+    "train.num_workers": "it changes how a trial runs, not the recipe",
+    "train.compile": "it changes how a trial runs, not the recipe",
+    "infer.batch_size": "it changes how a trial runs, not the recipe",
+    "train.color_jitter": "the feature cache fixes the backbone input (set it in params.yaml with "
+                          "train.feature_cache: false)",
+    "train.resized_crop": "the feature cache fixes the backbone input (set it in params.yaml with "
+                          "train.feature_cache: false)",
+}
+# child -> (parent, test on the parent's value, the condition in words)
+CONDITIONS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "train.lr_backbone": ("model.unfrozen_blocks", lambda v: v > 0, "model.unfrozen_blocks > 0"),
+    "loss.regularization": ("loss.alpha", lambda v: v > 0, "loss.alpha > 0"),
+    "loss.log_epsilon": ("loss.target_transform", lambda v: v == "log", "loss.target_transform = log"),
+    "model.coord_dim": ("model.fusion", lambda v: v != "none", "model.fusion != none"),
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +102,9 @@ def parse_space(raw_space: dict[str, dict]) -> list[SearchParam]:
     for name, spec in _entries(raw_space):
         where = f"params: tune.space.{name}"
         field_type = _field_type(name)
+        reason = UNSEARCHABLE.get(name) or UNSEARCHABLE.get(name.split(".", 1)[0])
+        if reason is not None:
+            raise InputError(f"{where}: cannot be searched: {reason}")
         if not isinstance(spec, dict):
             raise InputError(f"{where}: expected {{low, high}} or {{choices: [...]}}, got {spec!r}")
         if "choices" in spec:
@@ -99,7 +129,34 @@ def parse_space(raw_space: dict[str, dict]) -> list[SearchParam]:
         if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
             raise InputError(f"{where}: {name} is an integer field; low/high must be integers")
         out.append(SearchParam(name, kind, low=low, high=high, log=log, step=spec.get("step")))
-    return out
+    return _parents_first(out)
+
+
+def _parents_first(space: list[SearchParam]) -> list[SearchParam]:
+    """Order the space so a conditional field comes after the field it depends on."""
+    parents = {CONDITIONS[p.name][0] for p in space if p.name in CONDITIONS}
+    return [p for p in space if p.name in parents] + [p for p in space if p.name not in parents]
+
+
+def _value(raw: dict, name: str) -> Any:
+    section, field_name = name.split(".", 1)
+    return raw[section][field_name]
+
+
+def active(name: str, raw: dict) -> bool:
+    """Whether a field acts in the recipe ``raw`` (its condition, if any, holds there)."""
+    if name not in CONDITIONS:
+        return True
+    parent, test, _ = CONDITIONS[name]
+    return bool(test(_value(raw, parent)))
+
+
+def values_of(space: list[SearchParam], name: str, base_raw: dict) -> list[Any]:
+    """Every value ``name`` can take in the study (choices, range ends, or the hand-set value)."""
+    for p in space:
+        if p.name == name:
+            return list(p.choices) if p.kind == "categorical" else [p.low, p.high]
+    return [_value(base_raw, name)]
 
 
 def _type_name(field_type: Any) -> str:
@@ -117,9 +174,11 @@ def _fits(value: Any, field_type: Any) -> bool:
 
 
 def suggest(trial: Any, space: list[SearchParam], base_raw: dict) -> Params:
-    """Draw every searched value from ``trial`` and return the full config (base + draws)."""
+    """Draw every searched value that acts from ``trial`` and return the full config (base + draws)."""
     raw = copy.deepcopy(base_raw)
     for p in space:
+        if not active(p.name, raw):
+            continue
         if p.kind == "categorical":
             value = trial.suggest_categorical(p.name, list(p.choices))
         elif p.kind == "int":
@@ -131,12 +190,40 @@ def suggest(trial: Any, space: list[SearchParam], base_raw: dict) -> Params:
 
 
 def defaults(space: list[SearchParam], base_raw: dict) -> dict[str, Any]:
-    """The hand-set values (params.yaml) of the searched fields; they must lie inside the space."""
+    """The hand-set values (params.yaml) of the searched fields that act; they must lie inside the space."""
     values = {}
     for p in space:
+        if not active(p.name, base_raw):
+            continue
         value = base_raw[p.section][p.field]
         if not p.contains(value):
             raise InputError(f"params: {p.name} = {value!r} lies outside tune.space.{p.name}; widen the "
                              "range so the hand-set recipe can be the first trial")
         values[p.name] = value
     return values
+
+
+def check_space(space: list[SearchParam], base_raw: dict, patch_size: int) -> None:
+    """Values no trial could honour are an error before the study starts: a context wider than the
+    stored patches, more unfrozen blocks than a searched backbone has."""
+    for context in values_of(space, "model.context", base_raw):
+        if context > patch_size:
+            raise InputError(f"params: model.context = {context} (tune.space or params.yaml) exceeds the "
+                             f"patch store's {patch_size} px patches; raise patches.size")
+    most = max(values_of(space, "model.unfrozen_blocks", base_raw))
+    for backbone in values_of(space, "model.backbone", base_raw):
+        blocks = backbone_block_count(backbone)
+        if most > blocks:
+            raise InputError(f"params: model.unfrozen_blocks up to {most} (tune.space or params.yaml), but "
+                             f"{backbone} has {blocks} blocks")
+
+
+def backbone_block_count(name: str) -> int:
+    import timm
+
+    from src.model import backbone_blocks
+
+    try:
+        return len(backbone_blocks(timm.create_model(name, pretrained=False, num_classes=0)))
+    except RuntimeError as err:
+        raise InputError(f"params: model.backbone = {name!r}: {str(err).splitlines()[0]}") from None

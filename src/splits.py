@@ -69,6 +69,11 @@ def drop_buffer(xy: np.ndarray, slides: np.ndarray, train: np.ndarray, val: np.n
     return train[keep]
 
 
+def fold_count(cfg: CVConfig, slides: np.ndarray) -> int:
+    """How many folds ``make_folds`` makes for training spots of these slides."""
+    return len(set(slides)) if cfg.scheme == "leave_one_slide_out" else cfg.n_folds
+
+
 def make_folds(xy: np.ndarray, slides: np.ndarray, cfg: CVConfig, patch_size: int) -> list[Fold]:
     """Folds over the training spots (``xy``: N x 2 pixel coordinates, ``slides``: N slide names)."""
     slides = np.asarray(slides)

@@ -1,7 +1,8 @@
 """What stage ``tune`` leaves for the rest of the pipeline and for ``dvc exp show`` / ``dvc plots``.
 
-``studies/best_params.yaml``  the best trial: study, trial number, CV score and searched values (stage
-                              ``train`` rebuilds its recipe from it; DVC shows it as params columns)
+``studies/best_params.yaml``  the best trial: study, trial number, CV score, the smoothing sigma its CV
+                              chose and its searched values (stage ``train`` rebuilds its recipe from it;
+                              DVC shows it as params columns)
 ``metrics/tune.json``         best CV score and its floor, trial counts, the study's name
 ``metrics/cv_per_type.csv``   the best trial's out-of-fold Spearman per cell type
 ``metrics/optimization_history.csv``  every complete trial's CV score and the best so far
@@ -35,7 +36,7 @@ def trial_counts(study) -> dict[str, int]:
 def best_params_record(study) -> dict:
     best = study.best_trial
     return {"study": study.study_name, "trial": best.number, "cv_spearman": round(best.value, 6),
-            "params": dict(best.params)}
+            "smoothing_sigma": best.user_attrs.get("smoothing_sigma"), "params": dict(best.params)}
 
 
 def tune_metrics(study) -> dict:
@@ -43,7 +44,8 @@ def tune_metrics(study) -> dict:
     best = study.best_trial
     return {"best_cv_spearman": round(best.value, 6), "floor_spearman": best.user_attrs.get("floor_spearman"),
             "n_complete": counts["complete"], "n_pruned": counts["pruned"], "n_failed": counts["fail"],
-            "best_trial": best.number, "study": study.study_name}
+            "best_trial": best.number, "smoothing_sigma": best.user_attrs.get("smoothing_sigma"),
+            "study": study.study_name}
 
 
 def cv_per_type_table(study, targets: list[str]) -> pd.DataFrame:

@@ -24,7 +24,8 @@ from src.inference import autocast, default_device, predict
 from src.locations import shared_path
 from src.losses import AbundanceLoss, target_ranks, transform_targets
 from src.metrics import competition_score, per_type_spearman
-from src.model import SpatialCellModel
+from src.model import Ensemble, SpatialCellModel
+from src.recipe import params_for_best
 from src.smoothing import smooth
 from src.splits import make_folds
 
@@ -63,7 +64,8 @@ class FitResult:
 def max_unfrozen(params: Params) -> int:
     """The most blocks any trial of the study trains: the feature cache is cut before them."""
     searched = params.tune.space.get("model", {}).get("unfrozen_blocks", {})
-    return max(params.model.unfrozen_blocks, int(searched.get("high", 0)))
+    most = max(searched["choices"]) if "choices" in searched else searched.get("high", 0)
+    return max(params.model.unfrozen_blocks, int(most))
 
 
 class Batches:
@@ -137,7 +139,7 @@ def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: n
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     abundance = patch_set.abundance
-    targets = transform_targets(abundance, params.loss.target_transform)
+    targets = transform_targets(abundance, params.loss.target_transform, params.loss.log_epsilon)
     ranks = target_ranks(abundance)
     model.init_output_bias(torch.from_numpy(targets[train_rows].mean(axis=0)))
     cfg = params.train
@@ -150,7 +152,7 @@ def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: n
     groups = [{"params": head_params, "lr": cfg.lr_head}]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": cfg.lr_backbone})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)  # one kernel per step
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.epochs * len(batches), cfg.warmup_fraction))
     loss_fn = AbundanceLoss(params.loss)
@@ -200,13 +202,16 @@ def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: n
 class CVResult:
     oof: np.ndarray  # N x T out-of-fold predictions (target space, TTA, no smoothing)
     fold_of: np.ndarray  # fold of each training spot
-    fold_scores: list[float]  # per fold, after smoothing
-    score: float  # competition score of all smoothed OOF predictions
+    fold_scores: list[float]  # per fold, after smoothing with ``sigma``
+    score: float  # competition score of all OOF predictions smoothed with ``sigma``
+    sigma: float  # smoothing sigma (px) of ``score``: the best of the sigmas scored
+    sigma_scores: dict[float, float]  # CV score of every sigma scored
     floor: float  # training-mean-profile score on the same validation spots
-    per_type: np.ndarray  # per-cell-type Spearman of smoothed OOF predictions
+    per_type: np.ndarray  # per-cell-type Spearman of the smoothed OOF predictions
     epochs_run: list[int]
     dropped: list[int]  # training spots removed by the buffer, per fold
     seconds: float
+    models: list[SpatialCellModel] = field(default_factory=list)  # the fold models, when kept
 
 
 def cv_score(oof: np.ndarray, patch_set: PatchSet, fold_of: np.ndarray, sigma: float, truncate: float
@@ -218,40 +223,92 @@ def cv_score(oof: np.ndarray, patch_set: PatchSet, fold_of: np.ndarray, sigma: f
     return competition_score(smoothed, truth), folds, per_type_spearman(smoothed, truth)
 
 
-def cross_validate(params: Params, patch_set: PatchSet, on_epoch: Callable[[int, int, float], None] | None = None,
-                   device: torch.device | None = None, show_progress: bool = True) -> CVResult:
-    """Region-blocked spatial CV: one model per fold, TTA predictions for its validation spots."""
+def choose_sigma(oof: np.ndarray, patch_set: PatchSet, fold_of: np.ndarray, sigmas: list[float],
+                 truncate: float) -> tuple[float, dict[float, float]]:
+    """The smoothing sigma whose smoothed OOF predictions score best (ties: the smaller sigma).
+
+    Smoothing acts after the model, so every sigma is scored on the same predictions for free."""
+    scores = {float(s): cv_score(oof, patch_set, fold_of, s, truncate)[0] for s in sorted(set(sigmas))}
+    best = max(scores, key=lambda s: (scores[s], -s))
+    return best, scores
+
+
+PRUNING_INSTANCES = 4  # validation blocks per fold reported to the pruner (WilcoxonPruner's instances)
+
+
+def instance_scores(pred: np.ndarray, truth: np.ndarray, xy: np.ndarray, slides: np.ndarray) -> list[float]:
+    """A fold's score on ``PRUNING_INSTANCES`` contiguous blocks of its validation spots (split evenly
+    among its slides): the same blocks in every trial, so trials can be compared block by block."""
+    from src.splits import balanced_blocks
+
+    names = list(dict.fromkeys(slides))
+    per_slide = max(1, PRUNING_INSTANCES // len(names))
+    out = []
+    for name in names:
+        rows = np.flatnonzero(slides == name)
+        blocks = balanced_blocks(xy[rows], min(per_slide, len(rows)))
+        out += [competition_score(pred[rows[blocks == b]], truth[rows[blocks == b]]) for b in np.unique(blocks)]
+    return out
+
+
+FoldCallback = Callable[[int, list[float]], None]  # (fold, its validation blocks' scores); may raise
+
+
+def cross_validate(params: Params, patch_set: PatchSet, on_fold: FoldCallback | None = None,
+                   on_epoch: Callable[[int, int, float], None] | None = None, device: torch.device | None = None,
+                   show_progress: bool = True, sigmas: list[float] | None = None,
+                   keep_models: bool = False) -> CVResult:
+    """Spatial CV: one model per fold, TTA predictions for its validation spots, scored after smoothing
+    with the best of ``sigmas`` (default: the recipe's own ``infer.smoothing_sigma``)."""
     start = time.perf_counter()
     folds = make_folds(patch_set.xy(), patch_set.spots["slide"].to_numpy(), params.cv, patch_set.patch_size)
     abundance = patch_set.abundance
+    xy, slides = patch_set.xy(), patch_set.spots["slide"].to_numpy()
     oof = np.zeros_like(abundance)
     fold_of = np.full(len(abundance), -1)
     floor_preds = np.zeros_like(abundance)
-    epochs_run = []
+    epochs_run, models = [], []
     for k, fold in enumerate(folds):
         callback = (lambda epoch, score, k=k: on_epoch(k, epoch, score)) if on_epoch else None
-        result = fit(params, patch_set, fold.train, fold.val, callback, device, show_progress)
+        result = fit(params, patch_set, fold.train, fold.val if on_epoch else None, callback, device, show_progress)
         oof[fold.val] = predict(result.model, patch_set, fold.val, params.infer.tta,
                                 params.infer.batch_size, device, cached=result.cached)
         fold_of[fold.val] = k
         floor_preds[fold.val] = abundance[fold.train].mean(axis=0)
         epochs_run.append(result.epochs_run)
-    score, fold_scores, per_type = cv_score(oof, patch_set, fold_of, params.infer.smoothing_sigma,
-                                            params.infer.smoothing_truncate)
-    return CVResult(oof=oof, fold_of=fold_of, fold_scores=fold_scores, score=score,
-                    floor=competition_score(floor_preds, abundance), per_type=per_type,
-                    epochs_run=epochs_run, dropped=[f.dropped for f in folds],
-                    seconds=time.perf_counter() - start)
+        if keep_models:
+            models.append(result.model)
+        if on_fold is not None:
+            on_fold(k, instance_scores(oof[fold.val], abundance[fold.val], xy[fold.val], slides[fold.val]))
+    sigma, sigma_scores = choose_sigma(oof, patch_set, fold_of, sigmas or [params.infer.smoothing_sigma],
+                                       params.infer.smoothing_truncate)
+    score, fold_scores, per_type = cv_score(oof, patch_set, fold_of, sigma, params.infer.smoothing_truncate)
+    return CVResult(oof=oof, fold_of=fold_of, fold_scores=fold_scores, score=score, sigma=sigma,
+                    sigma_scores=sigma_scores, floor=competition_score(floor_preds, abundance),
+                    per_type=per_type, epochs_run=epochs_run, dropped=[f.dropped for f in folds],
+                    seconds=time.perf_counter() - start, models=models)
 
 
-def train_final(params: Params, patches_dir: Path, stain_file: Path, out: Path) -> FitResult:
-    """Fit on every training spot and write the checkpoint."""
+def train_final(params: Params, patches_dir: Path, stain_file: Path, out: Path, log=print) -> list[int]:
+    """Build the delivered model and write its checkpoint; returns the epochs each member trained.
+
+    ``train.final: ensemble``: the recipe's CV is run again and its fold models, the very models the CV
+    scored, are averaged (the CV score is printed as a check). ``retrain``: one model on every training
+    spot, with the fold models' epoch count (its schedule is not validated by the CV)."""
     patch_set = load_patch_set(patches_dir, "train")
-    result = fit(params, patch_set, np.arange(len(patch_set.spots)))
-    save_checkpoint(out, result.model, targets=patch_set.targets,
-                    target_transform=params.loss.target_transform, patch_size=patch_set.patch_size,
+    if params.train.final == "ensemble":
+        result = cross_validate(params, patch_set, keep_models=True)
+        log(f"fold models: CV spearman {result.score:.4f} (sigma {result.sigma:g} px), "
+            f"floor {result.floor:.4f}")
+        model, epochs = Ensemble(result.models), result.epochs_run
+    elif params.train.final == "retrain":
+        fitted = fit(params, patch_set, np.arange(len(patch_set.spots)))
+        model, epochs = fitted.model, [fitted.epochs_run]
+    else:
+        raise InputError(f"params: train.final = {params.train.final!r}: choose ensemble or retrain")
+    save_checkpoint(out, model, targets=patch_set.targets, loss=params.loss, patch_size=patch_set.patch_size,
                     infer=params.infer, stain=json.loads(stain_file.read_text()))
-    return result
+    return epochs
 
 
 @exit_on_input_error
@@ -267,11 +324,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
     if args.best is not None:
-        from src.tune import params_for_best
-
         params = params_for_best(args.best, apply_overrides(read_raw(args.params), args.set))
-    result = train_final(params, args.patches, args.stain, args.out)
-    print(f"wrote {args.out} after {result.epochs_run} epochs (final loss {result.train_loss[-1]:.4f})")
+    epochs = train_final(params, args.patches, args.stain, args.out)
+    kind = f"ensemble of {len(epochs)} fold models" if params.train.final == "ensemble" else "retrained model"
+    print(f"wrote {args.out}: {kind}, epochs {epochs}, smoothing sigma {params.infer.smoothing_sigma:g} px")
 
 
 if __name__ == "__main__":

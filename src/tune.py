@@ -1,18 +1,21 @@
-"""Stage ``tune``: an Optuna study over the recipe, scored by region-blocked spatial-CV Spearman.
+"""Stage ``tune``: an Optuna study over the recipe, scored by spatial-CV Spearman.
 
 ``python -m src.tune --trials N [--study NAME] [--storage URL] [--timeout S] [--set key=value ...]``
 
 The search space is ``tune.space`` in params.yaml; ``src.space.suggest`` turns a trial into a full
-config. The hand-set params.yaml recipe is the first trial, so the search never starts worse than it.
-Each trial reports its running CV score per epoch to the pruner, records fold scores, per-type scores,
-epochs, wall time and the floor, and uploads a per-type bar chart and its OOF table as artifacts.
-``--trials`` is the study's target of finished (complete + pruned) trials: rerunning after an
-interruption runs only the missing ones. The stored study name is ``NAME-<hash>`` of the recipe, the
-training data and the trial code (``src.study_identity``): changing any of them starts a fresh study.
-Under ``dvc exp run`` the study records the experiment's name (user attribute ``dvc_experiments``;
-each trial: ``dvc_experiment``). Relative storage, artifact and cache paths lie under the repository
-root, so queued experiments share them (``src.locations``). Writes the outputs of
-``src.study_outputs``: best params, metrics (naming the study), per-type CV and optimization history.
+config. The hand-set params.yaml recipe is the first trial, so the search never starts worse than it;
+a new study then runs the best recipes of earlier studies of the same name (``src.warm_start``).
+Each trial scores its out-of-fold predictions with every smoothing sigma of ``tune.sigma_grid`` and
+keeps the best, reports each CV fold to the pruner (``src.pruning``), records fold scores, per-type
+scores, its sigma, epochs, wall time and the floor, and uploads a per-type bar chart and its OOF
+table as artifacts. ``--trials`` is the study's target of finished (complete + pruned) trials:
+rerunning after an interruption runs only the missing ones. The stored study name is
+``NAME-<hash>`` of the recipe, the training data and the trial code (``src.study_identity``):
+changing any of them starts a fresh study. Under ``dvc exp run`` the study records the experiment's
+name (user attribute ``dvc_experiments``; each trial: ``dvc_experiment``). Relative storage, artifact
+and cache paths lie under the repository root, so queued experiments share them (``src.locations``).
+Writes the outputs of ``src.study_outputs``: best params (with the sigma), metrics (naming the
+study), per-type CV and optimization history.
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
-import yaml
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
@@ -37,13 +39,16 @@ from src.data import PatchSet, load_patch_set
 from src.errors import InputError, exit_on_input_error
 from src.locations import shared_path, shared_storage_url
 from src.losses import to_abundance_scale
+from src.pruning import make_pruner, reports
 from src.report import per_type_bars
-from src.space import SearchParam, defaults, parse_space, suggest
+from src.space import SearchParam, check_space, defaults, parse_space, suggest
+from src.splits import fold_count
 from src.study_outputs import StageOutputs, trial_counts, write_outputs
 from src.study_identity import library_versions, study_identity, study_name_for, what_changed
 from src.storage import (WORKER_ATTR, create_storage, fail_running_trials, is_journal, open_study,
                          reap_dead_local_workers, worker_identity)
-from src.train import cross_validate
+from src.train import CVResult, cross_validate
+from src.warm_start import enqueue_warm_start
 
 STUDIES_DIR = Path("studies")
 DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR}/studies.db"
@@ -95,17 +100,6 @@ def stored_study_name(name: str, base_raw: dict, patch_set: PatchSet) -> str:
     return study_name_for(name, study_identity(base_raw, patch_set.digest()))
 
 
-def make_pruner(params: Params) -> optuna.pruners.BasePruner:
-    if params.tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=params.tune.pruner_startup_trials,
-                                           n_warmup_steps=1)
-    if params.tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=params.train.epochs * 3)
-    if params.tune.pruner == "none":
-        return optuna.pruners.NopPruner()
-    raise InputError(f"params: tune.pruner = {params.tune.pruner!r}: choose median, hyperband or none")
-
-
 HAND_SET = {"hand_set": True}
 DVC_EXPERIMENTS_ATTR = "dvc_experiments"
 
@@ -124,16 +118,21 @@ def enqueue_defaults(study: optuna.Study, values: dict[str, Any]) -> None:
 
 
 class Objective:
-    """CV Spearman of one suggested recipe (smoothed OOF predictions)."""
+    """CV Spearman of one suggested recipe (OOF predictions smoothed with the best of tune.sigma_grid).
 
-    def __init__(self, base_raw: dict, space: list[SearchParam], patch_set: PatchSet,
-                 artifact_dir: Path = ARTIFACT_DIR, show_progress: bool = False):
+    ``after_cv(trial, params, result)``, when given, sees every complete trial's CV result with its
+    fold models kept (``src.bench search`` scores them on the test slide there)."""
+
+    def __init__(self, base_raw: dict, space: list[SearchParam], patch_set: PatchSet, n_folds: int,
+                 artifact_dir: Path = ARTIFACT_DIR, show_progress: bool = False, after_cv=None):
         self.base_raw = base_raw
         self.space = space
         self.patch_set = patch_set
+        self.n_folds = n_folds
         self.store = FileSystemArtifactStore(str(artifact_dir))
         artifact_dir.mkdir(parents=True, exist_ok=True)
         self.show_progress = show_progress
+        self.after_cv = after_cv
         self.worker = worker_identity()
         self.experiment = dvc_experiment()
 
@@ -152,38 +151,45 @@ class Objective:
     def _run(self, trial: optuna.Trial) -> float:
         params = suggest(trial, self.space, self.base_raw)
         start = time.perf_counter()
-        epochs_run = 0
+        fold_blocks: list[list[float]] = []
+        seen: list[float] = []
 
-        def report(fold: int, epoch: int, score: float) -> None:
-            nonlocal epochs_run
+        def report(fold: int, block_scores: list[float]) -> None:
             INTERRUPT.check()
-            epochs_run += 1
-            trial.set_user_attr("epochs_run", epochs_run)
-            trial.report(score, step=fold * params.train.epochs + epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"fold {fold} epoch {epoch + 1}: running CV spearman {score:.4f}")
+            fold_blocks.append([round(v, 6) for v in block_scores])
+            trial.set_user_attr("fold_blocks", fold_blocks)
+            trial.set_user_attr("epochs_run", (fold + 1) * params.train.epochs)
+            for step, value in reports(params.tune.pruner, fold, block_scores, seen):
+                trial.report(value, step)
+            if fold + 1 < self.n_folds and trial.should_prune():
+                raise optuna.TrialPruned(f"after fold {fold + 1}: mean block spearman {np.mean(seen):.4f}")
 
         try:
-            result = cross_validate(params, self.patch_set, on_epoch=report, show_progress=self.show_progress)
+            result = cross_validate(params, self.patch_set, on_fold=report, show_progress=self.show_progress,
+                                    sigmas=params.tune.sigma_grid, keep_models=self.after_cv is not None)
             if not np.isfinite(result.score):
                 raise FloatingPointError("CV spearman is not finite (training diverged)")
         except TRIAL_ERRORS as err:  # recorded on the trial; Optuna marks it FAIL and goes on
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:500])
             raise
         trial.set_user_attr("fold_spearman", [round(s, 6) for s in result.fold_scores])
+        trial.set_user_attr("smoothing_sigma", result.sigma)
+        trial.set_user_attr("sigma_scores", {f"{k:g}": round(v, 6) for k, v in result.sigma_scores.items()})
         trial.set_user_attr("per_type_spearman", dict(zip(self.patch_set.targets,
                                                           np.round(np.nan_to_num(result.per_type), 4).tolist())))
         trial.set_user_attr("floor_spearman", round(result.floor, 6))
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
         self._upload(trial, params, result)
+        if self.after_cv is not None:
+            self.after_cv(trial, params, result)
         return result.score
 
-    def _upload(self, trial: optuna.Trial, params: Params, result) -> None:
+    def _upload(self, trial: optuna.Trial, params: Params, result: CVResult) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             bars = Path(tmp) / f"trial{trial.number}_per_type.png"
             per_type_bars(bars, self.patch_set.targets, {"out-of-fold": result.per_type})
             oof = Path(tmp) / f"trial{trial.number}_oof.csv"
-            values = to_abundance_scale(result.oof, params.loss.target_transform)
+            values = to_abundance_scale(result.oof, params.loss.target_transform, params.loss.log_epsilon)
             table = self.patch_set.spots[["slide", "spot", "x", "y"]].assign(fold=result.fold_of)
             pd.concat([table, pd.DataFrame(values, columns=self.patch_set.targets)], axis=1).to_csv(oof, index=False)
             for path in (bars, oof):
@@ -221,22 +227,26 @@ def describe_study(study: optuna.Study, created: bool, name: str, identity: dict
 
 def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: str, storage_url: str,
               timeout_s: float = 0.0, artifact_dir: Path = ARTIFACT_DIR, live: bool = True,
-              log=print) -> optuna.Study:
+              log=print, after_cv=None) -> optuna.Study:
     """Create or resume the study and run trials until it holds ``n_trials`` finished ones."""
     params = params_from_dict(base_raw)
     space = parse_space(params.tune.space)
     if not space:
         raise InputError("params: tune.space is empty: nothing to search")
+    check_space(space, base_raw, patch_set.patch_size)
     hand_set = defaults(space, base_raw)
+    n_folds = fold_count(params.cv, patch_set.spots["slide"].to_numpy())
     storage = create_storage(storage_url, params.tune.heartbeat_s)
     identity = study_identity(base_raw, patch_set.digest())
-    study, created = open_study(study_name_for(study_name, identity), storage, make_pruner(params),
+    study, created = open_study(study_name_for(study_name, identity), storage, make_pruner(params, n_folds),
                                 params.tune.sampler_seed)
     if created:
         for key, value in identity.items():
             study.set_user_attr(key, value)
         study.set_user_attr("versions", library_versions())
         enqueue_defaults(study, hand_set)
+        for line in enqueue_warm_start(study, storage, study_name, space, hand_set, params.tune.warm_start):
+            log(line)
     log(describe_study(study, created, study_name, identity, storage))
     experiment = dvc_experiment()
     if experiment and experiment not in study.user_attrs.get(DVC_EXPERIMENTS_ATTR, []):
@@ -245,7 +255,7 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
         reap_dead_local_workers(study)
     if sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)) >= n_trials:
         return study
-    objective = Objective(base_raw, space, patch_set, artifact_dir)
+    objective = Objective(base_raw, space, patch_set, n_folds, artifact_dir, after_cv=after_cv)
     # Failed trials do not count towards the target: run until the study holds n_trials finished
     # ones (other workers' trials included), unless trials keep failing or the timeout passes.
     stop_at_target = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
@@ -268,20 +278,6 @@ def load_existing_study(base_raw: dict, patch_set: PatchSet, study_name: str, st
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         raise InputError(f"--study {study_name}: {storage_url} holds no study {name} for this recipe") from None
-
-
-def params_for_best(best_file: Path, base_raw: dict) -> Params:
-    """Rebuild the best trial's full config with the same ``suggest`` the search used."""
-    if not best_file.is_file():
-        raise InputError(f"{best_file}: not found (run `python -m src.tune` or `dvc repro tune` first)")
-    record = yaml.safe_load(best_file.read_text())
-    if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
-        raise InputError(f"{best_file}: expected a mapping with 'params'")
-    space = parse_space(base_raw["tune"]["space"])
-    missing = sorted({p.name for p in space} - set(record["params"]))
-    if missing:
-        raise InputError(f"{best_file}: no value for searched param {missing[0]} (space changed? rerun tune)")
-    return suggest(optuna.trial.FixedTrial(record["params"]), space, base_raw)
 
 
 def print_summary(study: optuna.Study, console=None) -> None:

@@ -31,7 +31,7 @@ def test_soft_spearman_is_per_spot_not_flattened():
 
 
 def test_loss_has_no_nan_for_constant_rows_and_zero_targets():
-    loss_fn = AbundanceLoss(LossConfig(alpha=0.85, regularization=0.1, target_transform="log1p"))
+    loss_fn = AbundanceLoss(LossConfig(alpha=0.85, regularization=0.1, target_transform="log1p", log_epsilon=1e-10))
     pred = torch.zeros(4, 35, requires_grad=True)
     targets = torch.zeros(4, 35)
     ranks = torch.from_numpy(target_ranks(np.zeros((4, 35))))
@@ -44,25 +44,34 @@ def test_alpha_blends_the_two_terms():
     pred = torch.randn(8, 35)
     true = np.abs(RNG.normal(size=(8, 35)))
     targets, ranks = torch.from_numpy(np.log1p(true)).float(), torch.from_numpy(target_ranks(true))
-    values = [float(AbundanceLoss(LossConfig(a, 0.1, "log1p"))(pred, targets, ranks)) for a in (0.0, 0.5, 1.0)]
+    values = [float(AbundanceLoss(LossConfig(a, 0.1, "log1p", 1e-10))(pred, targets, ranks)) for a in (0.0, 0.5, 1.0)]
     mse = float(torch.nn.functional.mse_loss(pred, targets))
     assert values[0] == pytest.approx(mse, rel=1e-5)
     assert values[1] == pytest.approx((values[0] + values[2]) / 2, rel=1e-5)
     with pytest.raises(InputError, match="loss.alpha = 1.5"):
-        AbundanceLoss(LossConfig(1.5, 0.1, "log1p"))
+        AbundanceLoss(LossConfig(1.5, 0.1, "log1p", 1e-10))
 
 
 def test_target_transforms_keep_the_within_spot_order_and_never_log_zero():
     abundance = np.array([[0.0, 2.0, 8.76, 0.5], [3.0, 0.0, 0.0, 1.0]])
-    outputs = {kind: transform_targets(abundance, kind) for kind in ("log1p", "rank", "raw")}
+    outputs = {kind: transform_targets(abundance, kind, 1e-10) for kind in ("log", "log1p", "rank", "raw")}
     assert all(np.isfinite(v).all() for v in outputs.values())
     np.testing.assert_allclose(outputs["log1p"], np.log1p(abundance))
     np.testing.assert_allclose(outputs["rank"][1], [4, 1.5, 1.5, 3] / np.float64(4))
     for kind, values in outputs.items():
-        assert competition_score(to_abundance_scale(values, kind), abundance) == pytest.approx(1.0)
+        assert competition_score(to_abundance_scale(values, kind, 1e-10), abundance) == pytest.approx(1.0)
+    np.testing.assert_allclose(to_abundance_scale(outputs["log"], "log", 1e-10), abundance, atol=1e-9)
     assert not np.allclose(outputs["log1p"], outputs["raw"])
-    with pytest.raises(InputError, match="loss.target_transform = 'log'"):
-        transform_targets(abundance, "log")
+    with pytest.raises(InputError, match="loss.log_epsilon = 0"):
+        transform_targets(abundance, "log", 0.0)
+
+
+def test_log_targets_keep_apart_what_log1p_flattens():
+    """Strictly positive abundances spanning ten decades: log1p maps everything below ~0.01 to almost
+    the same value, so an MSE on it cannot see the order of small abundances; log(x + eps) can."""
+    small = np.array([[1e-9, 1e-7, 1e-5, 1e-3]])
+    spread = {kind: np.ptp(transform_targets(small, kind, 1e-10)) for kind in ("log", "log1p")}
+    assert spread["log1p"] < 1e-3 < 10 < spread["log"]
 
 
 def test_competition_score_floor_and_skill():

@@ -73,7 +73,8 @@ def test_three_workers_share_one_study(kind, request, tiny_patches, tmp_path):
     assert ran == {w.pid for w in workers}, "every worker ran trials"
     assert sum(bool(t.user_attrs.get("hand_set")) for t in study.trials) == 1, "the hand-set recipe ran once"
     builds = [line for output in outputs for line in output.splitlines() if "built feature cache" in line]
-    assert len(builds) == 1, "the shared feature cache was built once"
+    folders = [line.split()[3] for line in builds]  # one cache per crop of the space's model.context
+    assert len(folders) == len(set(folders)) <= 2, "each shared feature cache was built once"
     best = study.best_trial
     assert best.value == max(t.value for t in study.trials if t.state == TrialState.COMPLETE)
     record = yaml.safe_load((tmp_path / "best.yaml").read_text())
@@ -106,7 +107,7 @@ def _mid_trial(trials) -> bool:
 @pytest.mark.parametrize("kind", ["postgresql", "sqlite", "journal"])
 def test_a_worker_killed_mid_trial_is_failed_retried_and_the_study_finishes(kind, request, tiny_patches, tmp_path):
     storage = _storage_url(kind, request, tmp_path)
-    extra = ("train.epochs=3", "tune.pruner=none")
+    extra = ("train.epochs=2", "tune.pruner=none")
     cmd = _worker_cmd(tiny_patches, tmp_path, storage, 4, *extra)
     victim = _start(cmd, tmp_path)
     trials = _poll(storage, tmp_path, extra, _mid_trial)
@@ -212,7 +213,7 @@ def test_dashboard_reads_a_running_sqlite_study_without_breaking_it(tiny_patches
 def test_an_unusable_storage_is_a_one_line_error_and_writes_nothing(url, message, tiny_patches, tmp_path, capsys):
     args = ["--storage", url, "--params", str(ROOT / "params.yaml"), "--patches", str(tiny_patches / "patches"),
             "--best-out", str(tmp_path / "best.yaml"), "--metrics", str(tmp_path / "tune.json"),
-            "--artifacts", str(tmp_path / "artifacts")]
+            "--artifacts", str(tmp_path / "artifacts"), *[a for item in FAST for a in ("--set", item)]]
     with pytest.raises(SystemExit) as exit_info:
         tune.main(args)
     err = capsys.readouterr().err

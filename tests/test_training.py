@@ -12,7 +12,8 @@ from src.data import build_transform, load_patch_set
 from src.errors import InputError
 from src.evaluate import evaluate
 from src.inference import predict, predict_abundance
-from src.train import cross_validate, cv_score, fit, warmup_cosine
+from src.model import Ensemble
+from src.train import choose_sigma, cross_validate, cv_score, fit, warmup_cosine
 from tests.conftest import fast_params
 
 
@@ -108,13 +109,21 @@ def test_tta_of_a_flip_invariant_model_is_the_identity(train_set, fitted):
 def test_checkpoint_round_trip_predicts_the_same(train_set, fitted, tmp_path):
     params, result = fitted
     path = tmp_path / "model.pt"
-    save_checkpoint(path, result.model, targets=train_set.targets, target_transform="log1p",
+    save_checkpoint(path, result.model, targets=train_set.targets, loss=params.loss,
                     patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"})
     model, meta = load_checkpoint(path)
     assert meta["targets"] == train_set.targets and meta["infer"] == params.infer
     rows = _all(train_set)[:12]
     np.testing.assert_array_equal(predict(model, train_set, rows, ["identity", "vflip"]),
                                   predict(result.model, train_set, rows, ["identity", "vflip"]))
+    other = fit(params, train_set, _all(train_set)[::2], show_progress=False).model
+    save_checkpoint(tmp_path / "pair.pt", Ensemble([result.model, other]), targets=train_set.targets,
+                    loss=params.loss, patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"})
+    pair, _ = load_checkpoint(tmp_path / "pair.pt")
+    assert isinstance(pair, Ensemble) and len(pair.members) == 2
+    np.testing.assert_allclose(predict(pair, train_set, rows, ["identity", "vflip"]),
+                               (predict(result.model, train_set, rows, ["identity", "vflip"])
+                                + predict(other, train_set, rows, ["identity", "vflip"])) / 2, rtol=1e-5, atol=1e-6)
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a checkpoint of this project"):
@@ -122,7 +131,7 @@ def test_checkpoint_round_trip_predicts_the_same(train_set, fitted, tmp_path):
 
 
 def test_cross_validation_gives_oof_for_every_spot_and_sigma_needs_no_retraining(train_set):
-    params = fast_params()
+    params = fast_params("cv.scheme=blocks", "loss.target_transform=log1p")
     result = cross_validate(params, train_set, show_progress=False)
     assert (result.fold_of >= 0).all() and len(result.fold_scores) == params.cv.n_folds
     assert np.isfinite(result.oof).all() and np.isfinite(result.score)
@@ -130,6 +139,12 @@ def test_cross_validation_gives_oof_for_every_spot_and_sigma_needs_no_retraining
     unsmoothed = cv_score(result.oof, train_set, result.fold_of, 0.0, 3.0)[0]
     smoothed = cv_score(result.oof, train_set, result.fold_of, 40.0, 3.0)[0]
     assert unsmoothed != smoothed
+    sigma, scores = choose_sigma(result.oof, train_set, result.fold_of, [0.0, 40.0, 12.5], 3.0)
+    assert set(scores) == {0.0, 12.5, 40.0} and scores[sigma] == max(scores.values())
+    assert scores[0.0] == pytest.approx(unsmoothed) and scores[40.0] == pytest.approx(smoothed)
+    chosen = cross_validate(params, train_set, show_progress=False, sigmas=[0.0, 12.5, 40.0])
+    assert chosen.sigma == sigma and chosen.score == pytest.approx(scores[sigma])
+    np.testing.assert_array_equal(chosen.oof, result.oof)  # sigma acts after the models: same training
     loso = cross_validate(fast_params("cv.scheme=leave_one_slide_out"), train_set, show_progress=False)
     assert sorted(np.unique(loso.fold_of)) == [0, 1]
 
@@ -139,7 +154,7 @@ def checkpoint(tiny_patches, fitted, train_set, tmp_path_factory):
     params, result = fitted
     path = tmp_path_factory.mktemp("model") / "model.pt"
     stain = json.loads((tiny_patches / "normalized" / "stain.json").read_text())
-    save_checkpoint(path, result.model, targets=train_set.targets, target_transform="log1p",
+    save_checkpoint(path, result.model, targets=train_set.targets, loss=params.loss,
                     patch_size=train_set.patch_size, infer=params.infer, stain=stain)
     return path
 

@@ -42,6 +42,10 @@ def train_set(tiny_patches):
     ("model.fusion", {"choices": [1, 2]}, "choice 1 is not a valid str"),
     ("model.fusion", {"choices": []}, "non-empty list"),
     ("infer.tta", {"choices": ["identity"]}, "not a valid"),
+    ("infer.smoothing_sigma", {"low": 0, "high": 60}, "cannot be searched: every trial scores its out-of-fold"),
+    ("cv.n_folds", {"low": 2, "high": 5}, "cannot be searched: the CV is the yardstick"),
+    ("train.color_jitter", {"low": 0, "high": 0.2}, "cannot be searched: the feature cache fixes"),
+    ("train.final", {"choices": ["ensemble", "retrain"]}, "cannot tell ensemble from retrain"),
 ])
 def test_space_errors_name_the_key(key, spec, message):
     section, field = key.split(".")
@@ -61,18 +65,49 @@ def test_hand_set_value_outside_the_space_is_an_error():
 def test_suggest_builds_typed_configs_and_fixed_trial_rebuilds_them():
     raw = base_raw()
     space = parse_space(raw["tune"]["space"])
-    values = {"loss.alpha": 0.3, "model.unfrozen_blocks": 3, "train.lr_head": 0.002, "train.lr_backbone": 1e-4,
-              "model.fusion": "film", "infer.smoothing_sigma": 12.5, "train.weight_decay": 1e-3,
+    values = {"loss.alpha": 0.3, "model.unfrozen_blocks": 2, "train.lr_head": 0.002, "train.lr_backbone": 1e-4,
+              "model.fusion": "film", "train.weight_decay": 1e-3, "model.context": 16, "train.epochs": 2,
               "model.dropout": 0.1, "loss.target_transform": "rank"}
     params = suggest(FixedTrial(values), space, raw)
-    assert params.loss.alpha == 0.3 and params.model.unfrozen_blocks == 3 and params.model.fusion == "film"
-    assert params.infer.smoothing_sigma == 12.5 and params.loss.target_transform == "rank"
+    assert params.loss.alpha == 0.3 and params.model.unfrozen_blocks == 2 and params.model.fusion == "film"
+    assert params.loss.target_transform == "rank" and params.model.context == 16 and params.train.epochs == 2
     assert params.model.backbone == "resnet10t"  # unsearched values come from params.yaml
+    # loss.log_epsilon acts only on log targets: a rank trial has none (FixedTrial would raise otherwise)
+    assert "loss.log_epsilon" not in values and params.loss.log_epsilon == raw["loss"]["log_epsilon"]
+
+
+def test_conditional_params_are_sampled_only_where_they_act():
+    raw = base_raw("tune.pruner=none")
+    space = parse_space(raw["tune"]["space"])
+    names = [p.name for p in space]
+    assert names.index("model.unfrozen_blocks") < names.index("train.lr_backbone")  # parents first
+    assert names.index("loss.target_transform") < names.index("loss.log_epsilon")
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):
+        trial = study.ask()
+        suggest(trial, space, raw)
+        study.tell(trial, 0.0)
+    for t in study.trials:
+        assert ("train.lr_backbone" in t.params) == (t.params["model.unfrozen_blocks"] > 0), t.params
+        assert ("loss.log_epsilon" in t.params) == (t.params["loss.target_transform"] == "log"), t.params
+    assert {t.params["model.unfrozen_blocks"] for t in study.trials} >= {0, 1}
+    hand_frozen = base_raw("model.unfrozen_blocks=0", "loss.target_transform=rank")
+    assert {"train.lr_backbone", "loss.log_epsilon"}.isdisjoint(defaults(space, hand_frozen))
+
+
+def test_space_values_no_trial_can_honour_are_an_error_before_the_study(tmp_path, train_set):
+    with pytest.raises(InputError, match=r"model.context = 64 \(tune.space or params.yaml\) exceeds the patch "
+                                         r"store's 32 px patches"):
+        _study(tmp_path, base_raw("tune.space.model.context={choices: [0, 64]}"), 1, train_set)
+    with pytest.raises(InputError, match="model.unfrozen_blocks up to 9 .* but resnet10t has 5 blocks"):
+        _study(tmp_path, base_raw("tune.space.model.unfrozen_blocks.high=9"), 1, train_set)
+    assert not (tmp_path / "s.db").exists() or not optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/s.db")
 
 
 def test_every_searched_param_changes_what_is_trained_or_scored(train_set):
-    raw = base_raw()
+    raw = base_raw("tune.space.model.backbone={choices: [resnet10t, convnext_atto]}")  # + a backbone list
     space = parse_space(raw["tune"]["space"])
+    assert {p.name for p in space} >= {"model.context", "model.backbone", "train.epochs", "loss.log_epsilon"}
     hand_set = defaults(space, raw)
     for p in space:
         a, b = (p.choices[0], p.choices[1]) if p.kind == "categorical" else (p.low, p.high)
@@ -129,8 +164,10 @@ def test_hand_set_trial_is_queued_by_the_creator_and_again_only_when_interrupted
     assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
 
 
-def test_pruning_prunes_a_hopeless_trial(tmp_path, train_set):
-    raw = base_raw("train.epochs=2", "tune.pruner_startup_trials=1")
+@pytest.mark.parametrize("pruner", ["median", "wilcoxon"])
+def test_pruning_prunes_a_hopeless_trial_after_its_first_fold(tmp_path, train_set, pruner):
+    raw = base_raw("train.epochs=2", "tune.pruner_startup_trials=1", f"tune.pruner={pruner}",
+                   "loss.target_transform=log1p")  # a first trial that learns on the tiny slides
     storage = f"sqlite:///{tmp_path}/s.db"
     study = optuna.create_study(study_name=tune.stored_study_name("t", raw, train_set), storage=storage,
                                 direction="maximize")
@@ -139,11 +176,12 @@ def test_pruning_prunes_a_hopeless_trial(tmp_path, train_set):
     tune.enqueue_defaults(study, hand_set)
     # Nothing learns: weights stay at their random start, far below the first trial's running score.
     study.enqueue_trial({**hand_set, "train.lr_head": 1e-4, "train.lr_backbone": 1e-5, "model.fusion": "gated",
-                         "loss.target_transform": "raw", "loss.alpha": 0.0})
+                         "loss.target_transform": "rank", "loss.alpha": 0.0})
     result = tune.run_study(raw, train_set, 2, "t", storage, artifact_dir=tmp_path / "a", live=False)
     states = [t.state for t in result.trials]
     assert states == [TrialState.COMPLETE, TrialState.PRUNED], [(t.state, t.intermediate_values) for t in result.trials]
-    assert result.trials[1].user_attrs["epochs_run"] < 2 * 2
+    assert result.trials[1].user_attrs["epochs_run"] == 2  # one fold of two, 2 epochs
+    assert len(result.trials[1].user_attrs["fold_blocks"]) == 1
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, train_set, monkeypatch):
@@ -220,15 +258,20 @@ def test_new_data_starts_a_new_study_that_runs_trials_and_says_why(tmp_path, tra
 
 
 def test_best_params_rebuild_the_best_config(tmp_path):
+    from src.recipe import params_for_best
+
     raw = base_raw()
     best = tmp_path / "best.yaml"
     values = defaults(parse_space(raw["tune"]["space"]), raw) | {"model.fusion": "concat", "loss.alpha": 0.2}
     best.write_text(yaml.safe_dump({"study": "t", "trial": 3, "cv_spearman": 0.8, "params": values}))
-    params = tune.params_for_best(best, raw)
+    params = params_for_best(best, raw)
     assert params.model.fusion == "concat" and params.loss.alpha == 0.2
     best.write_text(yaml.safe_dump({"params": {"loss.alpha": 0.2}}))
     with pytest.raises(InputError, match="no value for searched param"):
-        tune.params_for_best(best, raw)
+        params_for_best(best, raw)
+    best.write_text(yaml.safe_dump({"params": {**values, "loss.alpha": 1.5}}))
+    with pytest.raises(InputError, match=r"loss.alpha = 1.5 lies outside tune.space.loss.alpha"):
+        params_for_best(best, raw)
 
 
 def test_ctrl_c_raises_inside_a_trial_and_waits_for_the_boundary_elsewhere():
@@ -249,7 +292,7 @@ def _tune_cmd(tiny_patches, tmp_path, trials):
             "--storage", f"sqlite:///{tmp_path}/cli.db", "--patches", str(tiny_patches / "patches"),
             "--params", str(ROOT / "params.yaml"), "--best-out", str(tmp_path / "best.yaml"),
             "--metrics", str(tmp_path / "tune.json"), "--artifacts", str(tmp_path / "artifacts"),
-            *[a for item in [*FAST, "train.epochs=3", "tune.pruner=none"] for a in ("--set", item)]]
+            *[a for item in [*FAST, "train.epochs=2", "tune.pruner=none"] for a in ("--set", item)]]
 
 
 @pytest.mark.slow
@@ -289,3 +332,75 @@ def test_sigint_mid_trial_then_rerun_ends_with_exactly_the_target(tiny_patches, 
     assert all(after[n] == v for n, v in completed_before)  # no completed trial lost
     metrics = yaml.safe_load((tmp_path / "tune.json").read_text())
     assert metrics["n_complete"] + metrics["n_pruned"] == 4
+
+
+def test_a_replayed_pruner_stops_the_trial_it_would_have_stopped(tmp_path, train_set):
+    from src.config import params_from_dict
+    from src.pruning import replay
+
+    raw = base_raw("train.epochs=2", "tune.pruner_startup_trials=1", "tune.pruner=none",
+                   "loss.target_transform=log1p")
+    storage = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name=tune.stored_study_name("t", raw, train_set), storage=storage,
+                                direction="maximize")
+    hand_set = defaults(parse_space(raw["tune"]["space"]), raw)
+    tune.enqueue_defaults(study, hand_set)
+    study.enqueue_trial({**hand_set, "train.lr_head": 1e-4, "train.lr_backbone": 1e-5, "model.fusion": "gated",
+                         "loss.target_transform": "rank", "loss.alpha": 0.0})
+    result = tune.run_study(raw, train_set, 2, "t", storage, artifact_dir=tmp_path / "a", live=False)
+    assert [t.state for t in result.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]  # no pruner ran
+    assert all(len(t.user_attrs["fold_blocks"]) == 2 for t in result.trials)
+    params = params_from_dict(raw)
+    for name in ("median", "wilcoxon"):
+        got = replay(result, name, params, n_folds=2)
+        assert (got.pruned, got.lost, got.best_pruned) == (1, 0, False), (name, got)
+        assert got.folds_saved == pytest.approx(1 / 4)  # one fold of the two trials' four
+
+
+def test_a_new_study_warm_starts_from_the_best_recipes_of_earlier_ones(tmp_path, train_set):
+    first = _study(tmp_path, base_raw("tune.pruner=none", "tune.warm_start=2"), 2, train_set)
+    # A changed recipe (hand-set dropout) is a new study: it queues the earlier study's recipes, best first.
+    changed = base_raw("tune.pruner=none", "tune.warm_start=2", "model.dropout=0.2")
+    lines = []
+    second = tune.run_study(changed, train_set, 3, "t", f"sqlite:///{tmp_path}/s.db",
+                            artifact_dir=tmp_path / "artifacts", live=False, log=lines.append)
+    assert second.study_name != first.study_name
+    ranked = sorted(first.trials, key=lambda t: t.value, reverse=True)
+    warm = [t for t in second.trials if "warm_start" in t.user_attrs]
+    assert [t.user_attrs["warm_start"]["trial"] for t in warm] == [t.number for t in ranked]
+    assert all(t.user_attrs["warm_start"]["study"] == first.study_name for t in warm)
+    for t, source in zip(warm, ranked):  # the earlier recipe, run again (fields new to it: hand-set values)
+        assert {k: t.params[k] for k in source.params} == source.params and t.state == TrialState.COMPLETE
+    assert sum(line.startswith("warm start: queued trial") for line in lines) == 2
+    # Off with one key; recipes outside a narrowed space are not queued.
+    off = _study(tmp_path, base_raw("tune.pruner=none", "tune.warm_start=0", "model.dropout=0.25"), 1, train_set)
+    assert not any("warm_start" in t.user_attrs for t in off.trials)
+    narrow = base_raw("tune.pruner=none", "tune.warm_start=5", "model.dropout=0.05",
+                      "tune.space.model.dropout={low: 0.0, high: 0.1}")
+    study = _study(tmp_path, narrow, 1, train_set)
+    for t in study.trials:
+        if "warm_start" in t.user_attrs:
+            assert t.params["model.dropout"] <= 0.1
+
+
+def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_set, tiny_patches):
+    from src.checkpoint import load_checkpoint
+    from src.recipe import params_for_best
+    from src.study_outputs import StageOutputs, write_outputs
+    from src.train import train_final
+
+    raw = base_raw("tune.pruner=none", "tune.sigma_grid=[0.0, 25.0, 50.0]")
+    study = _study(tmp_path, raw, 2, train_set)
+    out = StageOutputs(tmp_path / "best.yaml", tmp_path / "tune.json", tmp_path / "cv.csv", tmp_path / "h.csv")
+    write_outputs(study, train_set.targets, out)
+    record = yaml.safe_load(out.best_params.read_text())
+    assert record["smoothing_sigma"] == study.best_trial.user_attrs["smoothing_sigma"] in (0.0, 25.0, 50.0)
+    params = params_for_best(out.best_params, raw)
+    assert params.infer.smoothing_sigma == record["smoothing_sigma"]
+    lines = []
+    epochs = train_final(params, tiny_patches / "patches", tiny_patches / "normalized" / "stain.json",
+                         tmp_path / "model.pt", log=lines.append)
+    assert len(epochs) == 2  # one model per fold (two training slides)
+    assert f"CV spearman {study.best_value:.4f}" in lines[0]  # the very models the study scored
+    model, meta = load_checkpoint(tmp_path / "model.pt")
+    assert len(model.members) == 2 and meta["infer"].smoothing_sigma == record["smoothing_sigma"]
