@@ -100,6 +100,7 @@ def bench_trial(overrides: list[str], patches: str, cache_dir: str) -> dict:
     """One trial (spatial CV of one recipe) uncached and cached, in this process, side by side."""
     from src.config import load_params
     from src.data import load_patch_set
+    from src.splits import fold_count
     from src.train import cross_validate
 
     patch_set = load_patch_set(patches, "train")
@@ -114,7 +115,7 @@ def bench_trial(overrides: list[str], patches: str, cache_dir: str) -> dict:
             start = time.perf_counter()
             result = cross_validate(params, patch_set, show_progress=False)
             seconds = time.perf_counter() - start
-        folds = params.cv.n_folds
+        folds = fold_count(params.cv, patch_set.spots["slide"].to_numpy())
         results[label] = {
             "seconds": seconds, "cv": result.score, "peak_mb": memory.peak_mb,
             "train_patches_per_s": sum(result.epochs_run) * n * (folds - 1) / folds / seconds,

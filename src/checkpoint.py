@@ -42,6 +42,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # pickle/zip errors differ by torch version; all mean the same here
         raise InputError(f"{path}: not a checkpoint of this project ({type(err).__name__})") from None
+    if isinstance(payload, dict) and "state_dict" in payload and "state_dicts" not in payload:
+        raise InputError(f"{path}: written by an earlier version of this project (one model, no target "
+                         "epsilon); rerun `dvc repro train` or `python -m src.train`")
     if not isinstance(payload, dict) or "state_dicts" not in payload or "model_config" not in payload:
         raise InputError(f"{path}: not a checkpoint of this project (no model_config/state_dicts)")
     # Weights come from the checkpoint: no hub download, no local backbone file needed.

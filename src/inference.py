@@ -41,6 +41,8 @@ def predict(model: SpatialCellModel | Ensemble, patch_set: PatchSet, rows: np.nd
     check_tta(tta)
     device = device or default_device()
     model.eval().to(device)
+    if cached is not None and isinstance(model, Ensemble):
+        raise ValueError("cached features belong to one model's prefix: predict an ensemble uncached")
     if cached is not None:
         return _predict_cached(model, patch_set, np.asarray(rows), tta, batch_size, device, *cached)
     transform = build_transform(model.preprocessing, patch_set.patch_size, train=None)

@@ -39,12 +39,13 @@ def transform_targets(abundance: np.ndarray, kind: str, epsilon: float = 0.0) ->
 
 
 def to_abundance_scale(predictions: np.ndarray, kind: str, epsilon: float = 0.0) -> np.ndarray:
-    """Undo ``transform_targets`` where it is invertible (log, log1p); ranks and raw stay as they are.
+    """Back to the abundance scale where the transform is invertible; ranks and raw stay as they are.
 
-    Only within-spot order is scored, and every transform here is monotone, so the order is kept.
-    """
+    Only within-spot order is scored, so the inverse must stay strictly monotone: ``log`` predictions
+    become ``exp(prediction)``, i.e. abundance + epsilon (subtracting epsilon and clipping at 0 would
+    tie every prediction below ``log(epsilon)``)."""
     if kind == "log":
-        return np.clip(np.exp(predictions) - epsilon, 0.0, None)
+        return np.exp(predictions)
     return np.expm1(predictions) if kind == "log1p" else predictions
 
 

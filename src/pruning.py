@@ -53,11 +53,16 @@ def make_pruner(params: Params, n_folds: int) -> optuna.pruners.BasePruner:
 
 
 def reports(pruner_name: str, fold: int, block_scores: list[float], seen: list[float]) -> list[tuple[int, float]]:
-    """(step, value) pairs a trial reports after ``fold``; ``seen`` collects all block scores so far."""
+    """(step, value) pairs a trial reports after ``fold``; ``seen`` collects all block scores so far.
+
+    Wilcoxon: one step per validation block, numbered in order over the folds (the same numbers in
+    every trial of a study, as its folds and blocks are the same). Others: step = folds done (1, 2, ...),
+    the resource Hyperband counts."""
+    first = len(seen)
     seen.extend(block_scores)
     if pruner_name == "wilcoxon":
-        return [(fold * PRUNING_INSTANCES + b, score) for b, score in enumerate(block_scores)]
-    return [(fold, float(np.mean(seen)))]
+        return [(first + b, score) for b, score in enumerate(block_scores)]
+    return [(fold + 1, float(np.mean(seen)))]
 
 
 @dataclass
@@ -76,7 +81,8 @@ def replay(study: optuna.Study, pruner_name: str, params: Params, n_folds: int) 
                      if t.state == TrialState.COMPLETE and "fold_blocks" in t.user_attrs), key=lambda t: t.number)
     pruner = make_pruner(dataclasses.replace(params, tune=dataclasses.replace(params.tune, pruner=pruner_name)),
                          n_folds)
-    shadow = optuna.create_study(direction="maximize", pruner=pruner)
+    shadow = optuna.create_study(study_name=study.study_name, direction="maximize", pruner=pruner)  # Hyperband's
+    # brackets hash the study name: the replay follows the live study's
     best_overall = max(trials, key=lambda t: t.value).number if trials else -1
     pruned = lost = folds_skipped = 0
     best_known = -np.inf

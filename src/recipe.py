@@ -22,7 +22,7 @@ def params_for_best(best_file: Path, base_raw: dict) -> Params:
     if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
         raise InputError(f"{best_file}: expected a mapping with 'params'")
     raw = copy.deepcopy(base_raw)
-    if "smoothing_sigma" in record:
+    if record.get("smoothing_sigma") is not None:
         raw["infer"]["smoothing_sigma"] = float(record["smoothing_sigma"])
     space = parse_space(raw["tune"]["space"])
     for p in space:

@@ -48,7 +48,7 @@ from src.study_identity import library_versions, study_identity, study_name_for,
 from src.storage import (WORKER_ATTR, create_storage, fail_running_trials, is_journal, open_study,
                          reap_dead_local_workers, worker_identity)
 from src.train import CVResult, cross_validate
-from src.warm_start import enqueue_warm_start
+from src.warm_start import enqueue_warm_start, is_version_of
 
 STUDIES_DIR = Path("studies")
 DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR}/studies.db"
@@ -217,7 +217,7 @@ def describe_study(study: optuna.Study, created: bool, name: str, identity: dict
         done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
         return f"study {study.study_name}: resuming ({done} finished trials)"
     others = [s for s in storage.get_all_studies()
-              if s.study_name.startswith(f"{name}-") and s.study_name != study.study_name and "data" in s.user_attrs]
+              if is_version_of(s.study_name, name) and s.study_name != study.study_name and "data" in s.user_attrs]
     if not others:
         return f"study {study.study_name}: new"
     latest = max(others, key=lambda s: s._study_id)

@@ -4,11 +4,13 @@ A study starts fresh whenever the data, the trial code or the recipe changes (``
 and TPE would start from nothing. With ``tune.warm_start: K`` (0 = off) the new study queues, after the
 hand-set recipe, the K best complete recipes of the earlier studies of the same name in the same
 storage, newest study first, that still fit the search space (every value a searched field of the
-space, inside its range or choices; fields new to the space take their hand-set value). Each queued
-trial records where it came from (user attribute ``warm_start``: study, trial, value there).
+space, inside its range or choices; fields new to the space take their hand-set value, except
+conditional ones inactive in the hand-set recipe, which the sampler draws). Each queued trial records
+where it came from (user attribute ``warm_start``: study, trial, value there).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import optuna
@@ -17,6 +19,11 @@ from optuna.trial import TrialState
 from src.space import SearchParam
 
 WARM_START_ATTR = "warm_start"
+
+
+def is_version_of(stored_name: str, name: str) -> bool:
+    """``default-1a2b3c4d`` is a version of study ``default``; ``default-foo-1a2b3c4d`` is not."""
+    return re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{8}}", stored_name) is not None
 
 
 def fitting_recipe(params: dict[str, Any], space: list[SearchParam], hand_set: dict[str, Any]) -> dict | None:
@@ -33,7 +40,7 @@ def earlier_recipes(storage: optuna.storages.BaseStorage, name: str, current: st
     """Up to ``k`` distinct (recipe, origin) pairs from earlier studies ``name-*``, best first per
     study, newest study first; the hand-set recipe itself is not repeated."""
     earlier = [s for s in storage.get_all_studies()
-               if s.study_name.startswith(f"{name}-") and s.study_name != current and "data" in s.user_attrs]
+               if is_version_of(s.study_name, name) and s.study_name != current and "data" in s.user_attrs]
     earlier.sort(key=lambda s: s._study_id, reverse=True)
     chosen: list[tuple[dict, dict]] = []
     seen = [hand_set]

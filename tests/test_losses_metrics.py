@@ -72,6 +72,9 @@ def test_log_targets_keep_apart_what_log1p_flattens():
     small = np.array([[1e-9, 1e-7, 1e-5, 1e-3]])
     spread = {kind: np.ptp(transform_targets(small, kind, 1e-10)) for kind in ("log", "log1p")}
     assert spread["log1p"] < 1e-3 < 10 < spread["log"]
+    # Back on the abundance scale the order survives, also below log(epsilon) of a large epsilon.
+    predictions = np.log(np.array([[1e-4, 1e-5, 1e-6, 0.5]]))
+    assert competition_score(to_abundance_scale(predictions, "log", 1e-2), np.array([[4.0, 3.0, 2.0, 5.0]])) == 1.0
 
 
 def test_competition_score_floor_and_skill():

@@ -124,6 +124,11 @@ def test_checkpoint_round_trip_predicts_the_same(train_set, fitted, tmp_path):
     np.testing.assert_allclose(predict(pair, train_set, rows, ["identity", "vflip"]),
                                (predict(result.model, train_set, rows, ["identity", "vflip"])
                                 + predict(other, train_set, rows, ["identity", "vflip"])) / 2, rtol=1e-5, atol=1e-6)
+    import torch
+
+    torch.save({"model_config": {}, "state_dict": {}}, tmp_path / "old.pt")
+    with pytest.raises(InputError, match="written by an earlier version of this project"):
+        load_checkpoint(tmp_path / "old.pt")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a checkpoint of this project"):

@@ -404,3 +404,22 @@ def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_s
     assert f"CV spearman {study.best_value:.4f}" in lines[0]  # the very models the study scored
     model, meta = load_checkpoint(tmp_path / "model.pt")
     assert len(model.members) == 2 and meta["infer"].smoothing_sigma == record["smoothing_sigma"]
+
+
+def test_fold_reports_number_every_validation_block_once():
+    from src.pruning import reports
+
+    seen: list[float] = []
+    six_slides = [0.5, 0.6, 0.4, 0.7, 0.55, 0.65]  # cv.scheme blocks on 6 slides: a block per slide and fold
+    steps = [step for fold in range(3) for step, _ in reports("wilcoxon", fold, six_slides, seen)]
+    assert steps == list(range(18))
+    seen = []
+    assert reports("median", 0, [0.2, 0.4], seen) == [(1, pytest.approx(0.3))]
+    assert reports("hyperband", 1, [0.6, 0.8], seen) == [(2, pytest.approx(0.5))]
+
+
+def test_only_versions_of_a_study_name_count_as_earlier_studies():
+    from src.warm_start import is_version_of
+
+    assert is_version_of("default-1a2b3c4d", "default")
+    assert not is_version_of("default-foo-1a2b3c4d", "default") and not is_version_of("defaultx-1a2b3c4d", "default")
