@@ -68,15 +68,14 @@ class TestSlide:
 
     def score(self, models: list, params: Params, sigma: float) -> float:
         """Test Spearman of the fold models averaged, with TTA and smoothing at ``sigma``."""
-        from src.inference import predict
+        from dataclasses import replace
+
+        from src.inference import predict_smoothed
         from src.metrics import competition_score
         from src.model import Ensemble
-        from src.smoothing import smooth
 
-        ps = self.patch_set
-        pred = predict(Ensemble(models), ps, np.arange(len(ps.spots)), params.infer.tta, params.infer.batch_size)
-        pred = smooth(pred, ps.xy(), ps.spots["slide"].to_numpy(), sigma, params.infer.smoothing_truncate)
-        return competition_score(pred, self.truth)
+        infer = replace(params.infer, smoothing_sigma=sigma)
+        return competition_score(predict_smoothed(Ensemble(models), self.patch_set, infer), self.truth)
 
 
 def run_seed(seed: int, params_file: Path, overrides: list[str], work: Path, trials: int | None,

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from src.config import InferConfig
 from src.data import DIHEDRAL, PatchSet, SpotDataset, build_transform, dihedral
 from src.errors import InputError
 from src.model import Ensemble, SpatialCellModel
@@ -87,11 +88,16 @@ def predict_abundance(model: SpatialCellModel | Ensemble, meta: dict, patch_set:
     """What a checkpoint predicts for every spot of ``patch_set``: TTA, then spatial smoothing per
     slide, on the abundance scale (N x T). Settings come from the checkpoint (``meta``)."""
     from src.losses import to_abundance_scale
+
+    pred = predict_smoothed(model, patch_set, meta["infer"], device)
+    return to_abundance_scale(pred, meta["target_transform"], meta["log_epsilon"])
+
+
+def predict_smoothed(model: SpatialCellModel | Ensemble, patch_set: PatchSet, infer: InferConfig,
+                     device: torch.device | None = None) -> np.ndarray:
+    """Every spot of ``patch_set``: TTA predictions smoothed per slide, in target space (N x T)."""
     from src.smoothing import smooth
 
-    infer = meta["infer"]
-    rows = np.arange(len(patch_set.spots))
-    pred = predict(model, patch_set, rows, infer.tta, infer.batch_size, device)
-    pred = smooth(pred, patch_set.xy(), patch_set.spots["slide"].to_numpy(), infer.smoothing_sigma,
+    pred = predict(model, patch_set, np.arange(len(patch_set.spots)), infer.tta, infer.batch_size, device)
+    return smooth(pred, patch_set.xy(), patch_set.spots["slide"].to_numpy(), infer.smoothing_sigma,
                   infer.smoothing_truncate)
-    return to_abundance_scale(pred, meta["target_transform"], meta["log_epsilon"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -116,6 +117,18 @@ def study_identity(base_raw: dict, data_digest: str, code: str | None = None) ->
 def study_name_for(name: str, identity: dict) -> str:
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"{name}-{digest[:8]}"
+
+
+def is_version_of(stored_name: str, name: str) -> bool:
+    """``default-1a2b3c4d`` is a version of study ``default``; ``default-foo-1a2b3c4d`` is not."""
+    return re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{8}}", stored_name) is not None
+
+
+def earlier_versions(storage, name: str, current: str) -> list:
+    """The other stored versions of study ``name`` (frozen studies), newest first."""
+    others = [s for s in storage.get_all_studies()
+              if is_version_of(s.study_name, name) and s.study_name != current and "data" in s.user_attrs]
+    return sorted(others, key=lambda s: s._study_id, reverse=True)
 
 
 def what_changed(old: dict, new: dict) -> list[str]:

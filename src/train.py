@@ -27,7 +27,7 @@ from src.metrics import competition_score, per_type_spearman
 from src.model import Ensemble, SpatialCellModel
 from src.recipe import params_for_best
 from src.smoothing import smooth
-from src.splits import make_folds
+from src.splits import balanced_blocks, make_folds
 
 EpochCallback = Callable[[int, float], None]  # (epoch, validation score); may raise to stop
 
@@ -228,7 +228,8 @@ def choose_sigma(oof: np.ndarray, patch_set: PatchSet, fold_of: np.ndarray, sigm
     """The smoothing sigma whose smoothed OOF predictions score best (ties: the smaller sigma).
 
     Smoothing acts after the model, so every sigma is scored on the same predictions for free."""
-    scores = {float(s): cv_score(oof, patch_set, fold_of, s, truncate)[0] for s in sorted(set(sigmas))}
+    xy, slides, truth = patch_set.xy(), patch_set.spots["slide"].to_numpy(), patch_set.abundance
+    scores = {float(s): competition_score(smooth(oof, xy, slides, s, truncate), truth) for s in sorted(set(sigmas))}
     best = max(scores, key=lambda s: (scores[s], -s))
     return best, scores
 
@@ -239,8 +240,6 @@ PRUNING_INSTANCES = 4  # validation blocks per fold reported to the pruner (Wilc
 def instance_scores(pred: np.ndarray, truth: np.ndarray, xy: np.ndarray, slides: np.ndarray) -> list[float]:
     """A fold's score on ``PRUNING_INSTANCES`` contiguous blocks of its validation spots (split evenly
     among its slides): the same blocks in every trial, so trials can be compared block by block."""
-    from src.splits import balanced_blocks
-
     names = list(dict.fromkeys(slides))
     per_slide = max(1, PRUNING_INSTANCES // len(names))
     out = []

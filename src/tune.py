@@ -44,11 +44,11 @@ from src.report import per_type_bars
 from src.space import SearchParam, check_space, defaults, parse_space, suggest
 from src.splits import fold_count
 from src.study_outputs import StageOutputs, trial_counts, write_outputs
-from src.study_identity import library_versions, study_identity, study_name_for, what_changed
+from src.study_identity import earlier_versions, library_versions, study_identity, study_name_for, what_changed
 from src.storage import (WORKER_ATTR, create_storage, fail_running_trials, is_journal, open_study,
                          reap_dead_local_workers, worker_identity)
 from src.train import CVResult, cross_validate
-from src.warm_start import enqueue_warm_start, is_version_of
+from src.warm_start import enqueue_warm_start
 
 STUDIES_DIR = Path("studies")
 DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR}/studies.db"
@@ -216,11 +216,10 @@ def describe_study(study: optuna.Study, created: bool, name: str, identity: dict
     if not created:
         done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
         return f"study {study.study_name}: resuming ({done} finished trials)"
-    others = [s for s in storage.get_all_studies()
-              if is_version_of(s.study_name, name) and s.study_name != study.study_name and "data" in s.user_attrs]
+    others = earlier_versions(storage, name, study.study_name)
     if not others:
         return f"study {study.study_name}: new"
-    latest = max(others, key=lambda s: s._study_id)
+    latest = others[0]
     changed = what_changed(latest.user_attrs, identity) or ["nothing recorded"]
     return f"study {study.study_name}: new; changed since study {latest.study_name}: {', '.join(changed)}"
 

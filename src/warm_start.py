@@ -10,20 +10,15 @@ where it came from (user attribute ``warm_start``: study, trial, value there).
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from src.space import SearchParam
+from src.study_identity import earlier_versions
 
 WARM_START_ATTR = "warm_start"
-
-
-def is_version_of(stored_name: str, name: str) -> bool:
-    """``default-1a2b3c4d`` is a version of study ``default``; ``default-foo-1a2b3c4d`` is not."""
-    return re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{8}}", stored_name) is not None
 
 
 def fitting_recipe(params: dict[str, Any], space: list[SearchParam], hand_set: dict[str, Any]) -> dict | None:
@@ -39,12 +34,9 @@ def earlier_recipes(storage: optuna.storages.BaseStorage, name: str, current: st
                     hand_set: dict[str, Any], k: int) -> list[tuple[dict, dict]]:
     """Up to ``k`` distinct (recipe, origin) pairs from earlier studies ``name-*``, best first per
     study, newest study first; the hand-set recipe itself is not repeated."""
-    earlier = [s for s in storage.get_all_studies()
-               if is_version_of(s.study_name, name) and s.study_name != current and "data" in s.user_attrs]
-    earlier.sort(key=lambda s: s._study_id, reverse=True)
     chosen: list[tuple[dict, dict]] = []
     seen = [hand_set]
-    for frozen in earlier:
+    for frozen in earlier_versions(storage, name, current):
         if len(chosen) >= k:
             break
         trials = storage.get_all_trials(frozen._study_id, deepcopy=False, states=(TrialState.COMPLETE,))

@@ -419,7 +419,7 @@ def test_fold_reports_number_every_validation_block_once():
 
 
 def test_only_versions_of_a_study_name_count_as_earlier_studies():
-    from src.warm_start import is_version_of
+    from src.study_identity import is_version_of
 
     assert is_version_of("default-1a2b3c4d", "default")
     assert not is_version_of("default-foo-1a2b3c4d", "default") and not is_version_of("defaultx-1a2b3c4d", "default")
