@@ -48,7 +48,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     if not isinstance(payload, dict) or "state_dicts" not in payload or "model_config" not in payload:
         raise InputError(f"{path}: not a checkpoint of this project (no model_config/state_dicts)")
     # Weights come from the checkpoint: no hub download, no local backbone file needed.
-    cfg = dataclasses.replace(ModelConfig(**payload["model_config"]), pretrained=False, weights="")
+    fields = {"neighbour_radius": 0.0, **payload["model_config"]}  # checkpoints from before the field: none
+    cfg = dataclasses.replace(ModelConfig(**fields), pretrained=False, weights="")
     members = []
     for state in payload.pop("state_dicts"):
         member = SpatialCellModel(cfg, n_outputs=len(payload["targets"]))

@@ -68,6 +68,7 @@ class ModelConfig:
     coord_dim: int  # width of the coordinate encoder
     hidden: int  # width of the fused representation (head input)
     dropout: float  # dropout in the head and coordinate encoder
+    neighbour_radius: float  # px: a spot also sees the mean frozen descriptor of its slide's spots within it; 0 = off
 
 
 @dataclass(frozen=True)

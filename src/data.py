@@ -127,13 +127,16 @@ def build_transform(prep: Preprocessing, patch_size: int, train: TrainConfig | N
 
 
 class SpotDataset(Dataset):
-    """(image, coords, targets, ranks) for the chosen rows of a :class:`PatchSet`."""
+    """(image, spot inputs, targets, ranks) for the chosen rows of a :class:`PatchSet`; the spot inputs
+    are rows of ``spot_inputs`` (every spot's, ``src.neighbours.spot_inputs``), by default the
+    normalized coordinates."""
 
     def __init__(self, patch_set: PatchSet, rows: np.ndarray, transform: v2.Compose,
-                 targets: np.ndarray | None = None, ranks: np.ndarray | None = None):
+                 targets: np.ndarray | None = None, ranks: np.ndarray | None = None,
+                 spot_inputs: np.ndarray | None = None):
         self.images = patch_set.images
         self.rows = np.asarray(rows)
-        self.coords = torch.from_numpy(patch_set.coords()[self.rows])
+        self.spot = torch.from_numpy((patch_set.coords() if spot_inputs is None else spot_inputs)[self.rows])
         n_targets = len(patch_set.targets)
         empty = np.zeros((len(self.rows), n_targets), np.float32)
         self.targets = torch.from_numpy((targets if targets is not None else empty).astype(np.float32))
@@ -145,4 +148,4 @@ class SpotDataset(Dataset):
 
     def __getitem__(self, i: int):
         image = torch.from_numpy(np.array(self.images[self.rows[i]])).permute(2, 0, 1)  # copy off the memmap
-        return self.transform(image), self.coords[i], self.targets[i], self.ranks[i]
+        return self.transform(image), self.spot[i], self.targets[i], self.ranks[i]

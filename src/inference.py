@@ -1,27 +1,16 @@
 """Batched prediction with test-time augmentation over the dihedral group."""
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from src.config import InferConfig
 from src.data import DIHEDRAL, PatchSet, SpotDataset, build_transform, dihedral
+from src.devices import autocast, default_device
 from src.errors import InputError
 from src.model import Ensemble, SpatialCellModel
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing on the CPU (bf16 there is slower and less exact)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from src.neighbours import spot_inputs
 
 
 def check_tta(names: list[str]) -> None:
@@ -47,18 +36,18 @@ def predict(model: SpatialCellModel | Ensemble, patch_set: PatchSet, rows: np.nd
     if cached is not None:
         return _predict_cached(model, patch_set, np.asarray(rows), tta, batch_size, device, *cached)
     transform = build_transform(model.preprocessing, patch_set.patch_size, train=None)
-    loader = DataLoader(SpotDataset(patch_set, rows, transform), batch_size=batch_size, shuffle=False,
-                        pin_memory=device.type == "cuda")
+    dataset = SpotDataset(patch_set, rows, transform, spot_inputs=spot_inputs(model, patch_set, device, batch_size))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
     out = []
-    for images, coords, _, _ in loader:
+    for images, spot, _, _ in loader:
         images = images.to(device, non_blocking=True)
-        coords = coords.to(device, non_blocking=True)
+        spot = spot.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         total = None
         with autocast(device):
             for name in tta:
-                pred = model(dihedral(images, name), coords).float()
+                pred = model(dihedral(images, name), spot).float()
                 total = pred if total is None else total + pred
         out.append((total / len(tta)).cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(patch_set.targets)))
@@ -67,17 +56,17 @@ def predict(model: SpatialCellModel | Ensemble, patch_set: PatchSet, rows: np.nd
 def _predict_cached(model, patch_set, rows, tta, batch_size, device, cache, split) -> np.ndarray:
     from src.features import cached_batch
 
-    coords = torch.from_numpy(patch_set.coords())
+    spot = torch.from_numpy(spot_inputs(model, patch_set, device, batch_size))
     out = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        batch_coords = coords[batch].to(device)
+        batch_spot = spot[batch].to(device)
         total = None
         with autocast(device):
             for name in tta:
                 variants = np.full(len(batch), cache.variant_index(name))
                 features = split.features(cached_batch(cache, variants, batch, device), model.preprocessing.input_size)
-                pred = model.forward_head(features, batch_coords).float()
+                pred = model.forward_head(features, batch_spot).float()
                 total = pred if total is None else total + pred
         out.append((total / len(tta)).cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(patch_set.targets)))

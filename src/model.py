@@ -1,8 +1,10 @@
 """``SpatialCellModel``: a timm backbone with its last k blocks trainable, a coordinate encoder,
 a fusion of the two and a deep head with one output per cell type.
 
-``forward_features(images)`` -> pooled backbone features; ``forward_head(features, coords)`` ->
-predictions. The split lets inference reuse features (TTA) and lets features be cached.
+``forward_features(images)`` -> pooled backbone features; ``forward_head(features, spot)`` ->
+predictions, where ``spot`` holds the spot's normalized coordinates and, with neighbour aggregation
+(``model.neighbour_radius``), the mean descriptor of the spots around it (``src.neighbours``). The
+split lets inference reuse features (TTA) and lets features be cached.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from src.config import ModelConfig
 from src.errors import InputError
+from src.prefix import PrefixSplit, pool_positions
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
@@ -172,6 +175,24 @@ class SpatialCellModel(nn.Module):
         self.coord_encoder = CoordinateEncoder(cfg.coord_dim, cfg.hidden, cfg.dropout) if fusion_cls else None
         self.fusion = fusion_cls(cfg.hidden) if fusion_cls else None
         self.head = head_mlp(cfg.hidden, n_outputs, cfg.dropout)
+        self.neighbour_proj, self.descriptor_cut, self.descriptor_width = None, 0, 0
+        if cfg.neighbour_radius > 0:
+            self._init_neighbourhood()
+
+    def _init_neighbourhood(self) -> None:
+        """Neighbour aggregation: spots describe themselves to their neighbours by the frozen start of
+        the backbone, pooled (fixed while training, so the descriptors are computed once)."""
+        cfg = self.cfg
+        self.descriptor_cut = len(self.blocks) - cfg.unfrozen_blocks
+        if self.descriptor_cut < 1:
+            raise InputError(f"params: model.neighbour_radius = {cfg.neighbour_radius:g} describes neighbours by "
+                             f"the backbone's frozen blocks, but model.unfrozen_blocks = {cfg.unfrozen_blocks} "
+                             f"trains all {len(self.blocks)} of {cfg.backbone}")
+        self._descriptor_split = PrefixSplit(self, self.descriptor_cut)
+        size = self.preprocessing.input_size
+        self.descriptor_width = int(self.spot_descriptors(torch.zeros(1, 3, size, size)).shape[1])
+        self.neighbour_proj = nn.Sequential(nn.LayerNorm(self.descriptor_width),
+                                            nn.Linear(self.descriptor_width, cfg.hidden), nn.ReLU())
 
     def _freeze(self, unfrozen: int) -> None:
         trainable = {name for block in self.blocks[len(self.blocks) - unfrozen:] for name in block}
@@ -206,15 +227,33 @@ class SpatialCellModel(nn.Module):
         """Normalized image batch (B, 3, H, W) -> pooled backbone features (B, C)."""
         return self.backbone(images)
 
-    def forward_head(self, features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """Pooled features and normalized coordinates (B, 2) -> one value per cell type (B, T)."""
+    @torch.no_grad()
+    def spot_descriptors(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalized images (B, 3, H, W) -> what each spot shows its neighbours (B, descriptor_width):
+        the backbone's frozen blocks, pooled over positions, in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            activation = self._descriptor_split.prefix(images)
+        finally:
+            self.train(was_training)
+        return pool_positions(activation, getattr(self.backbone, "output_fmt", "NCHW") == "NHWC")
+
+    def descriptor_digest(self) -> str:
+        return self._descriptor_split.weights_digest()
+
+    def forward_head(self, features: torch.Tensor, spot: torch.Tensor) -> torch.Tensor:
+        """Pooled features and the spot's inputs -> one value per cell type (B, T). ``spot``: normalized
+        coordinates (B, 2), then with neighbour aggregation the neighbourhood's mean descriptor."""
         fused = self.image_proj(features)
+        if self.neighbour_proj is not None:
+            fused = fused + self.neighbour_proj(spot[:, 2:])
         if self.fusion is not None:
-            fused = self.fusion(fused, self.coord_encoder(coords))
+            fused = self.fusion(fused, self.coord_encoder(spot[:, :2]))
         return self.head(fused)
 
-    def forward(self, images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images), coords)
+    def forward(self, images: torch.Tensor, spot: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images), spot)
 
 
 class Ensemble(nn.Module):
@@ -227,12 +266,15 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.cfg = members[0].cfg
         self.preprocessing = members[0].preprocessing
+        if self.cfg.neighbour_radius > 0 and len({m.descriptor_digest() for m in members}) > 1:
+            raise ValueError("ensemble members describe spots differently (frozen blocks differ)")
+        self.spot_descriptors = members[0].spot_descriptors
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [m.forward_features(images) for m in self.members]
 
-    def forward_head(self, features: list[torch.Tensor], coords: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m.forward_head(f, coords) for m, f in zip(self.members, features)]).mean(dim=0)
+    def forward_head(self, features: list[torch.Tensor], spot: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.forward_head(f, spot) for m, f in zip(self.members, features)]).mean(dim=0)
 
-    def forward(self, images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images), coords)
+    def forward(self, images: torch.Tensor, spot: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images), spot)

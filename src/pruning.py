@@ -3,7 +3,7 @@
 A trial reports after each CV fold, never per epoch: a fold's score is only comparable across trials
 once its model is trained (per-epoch reports favour recipes that start fast, whatever their end).
 ``wilcoxon`` (Optuna's WilcoxonPruner, made for per-instance scores such as CV folds) gets the fold's
-``PRUNING_INSTANCES`` validation blocks as instances, paired with the same blocks of the best trial;
+``src.train.PRUNING_INSTANCES`` validation blocks as instances, paired with the same blocks of the best trial;
 ``median`` and ``hyperband`` get the running mean of the blocks seen so far, one step per fold.
 
 ``replay`` runs a pruner over a finished study's recorded reports, in trial order, as if it had been
@@ -21,7 +21,6 @@ from optuna.trial import TrialState
 
 from src.config import Params
 from src.errors import InputError
-from src.train import PRUNING_INSTANCES
 
 PRUNERS = ("wilcoxon", "median", "hyperband", "none")
 WILCOXON_P = 0.1  # one-sided p below which a trial is judged worse than the best (Optuna's default)

@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader
 from src.checkpoint import save_checkpoint
 from src.config import Params, add_params_arguments, apply_overrides, load_params, read_raw
 from src.data import PatchSet, SpotDataset, build_transform, load_patch_set
+from src.devices import autocast, default_device
 from src.errors import InputError, exit_on_input_error
-from src.inference import autocast, default_device, predict
+from src.inference import predict
 from src.locations import shared_path
 from src.losses import AbundanceLoss, target_ranks, transform_targets
 from src.metrics import competition_score, per_type_spearman
 from src.model import Ensemble, SpatialCellModel
+from src.neighbours import spot_inputs
 from src.recipe import params_for_best
 from src.smoothing import smooth
 from src.splits import balanced_blocks, make_folds
@@ -69,7 +71,7 @@ def max_unfrozen(params: Params) -> int:
 
 
 class Batches:
-    """Training batches (inputs, coords, targets, ranks) and the forward pass that consumes them:
+    """Training batches (inputs, spot inputs, targets, ranks) and the forward pass that consumes them:
     normalized images through the whole model, or cached prefix features through the rest of it."""
 
     def __init__(self, params: Params, model: SpatialCellModel, patch_set: PatchSet, rows: np.ndarray,
@@ -78,6 +80,7 @@ class Batches:
         self.model, self.rows, self.device, self.generator = model, rows, device, generator
         self.batch_size = cfg.batch_size
         self.cache = None
+        spot = spot_inputs(model, patch_set, device, params.infer.batch_size)
         if cfg.feature_cache:
             from src.features import cache_for
 
@@ -86,12 +89,12 @@ class Batches:
                                  "and train.resized_crop to 0 (dihedral flips stay available)")
             self.cache, self.split = cache_for(model, patch_set, max_unfrozen(params), shared_path(cfg.cache_dir), device)
             self.flips = cfg.flips
-            self.coords = torch.from_numpy(patch_set.coords())
+            self.spot = torch.from_numpy(spot)
             self.targets = torch.from_numpy(targets.astype(np.float32))
             self.ranks = torch.from_numpy(ranks.astype(np.float32))
             return
         dataset = SpotDataset(patch_set, rows, build_transform(model.preprocessing, patch_set.patch_size, cfg),
-                              targets[rows], ranks[rows])
+                              targets[rows], ranks[rows], spot)
         self.loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                                  drop_last=len(dataset) > cfg.batch_size, num_workers=cfg.num_workers,
                                  pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
@@ -115,14 +118,14 @@ class Batches:
                 variants = torch.randint(len(self.cache.variants), (len(rows),), generator=self.generator).numpy()
             else:
                 variants = np.full(len(rows), identity)
-            yield (cached_batch(self.cache, variants, rows, self.device), self.coords[rows],
+            yield (cached_batch(self.cache, variants, rows, self.device), self.spot[rows],
                    self.targets[rows], self.ranks[rows])
 
-    def forward(self, inputs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, spot: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
-            return self.model(inputs, coords)
+            return self.model(inputs, spot)
         features = self.split.features(inputs, self.model.preprocessing.input_size)
-        return self.model.forward_head(features, coords)
+        return self.model.forward_head(features, spot)
 
     @property
     def cached(self):
@@ -166,12 +169,12 @@ def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: n
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches), status="")
             model.train()
             running = torch.zeros((), device=device)
-            for inputs, coords, batch_targets, batch_ranks in batches:
+            for inputs, spot, batch_targets, batch_ranks in batches:
                 inputs = inputs.to(device, non_blocking=True)
                 if device.type == "cuda" and inputs.ndim == 4:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 with autocast(device):
-                    pred = batches.forward(inputs, coords.to(device, non_blocking=True))
+                    pred = batches.forward(inputs, spot.to(device, non_blocking=True))
                 loss = loss_fn(pred, batch_targets.to(device, non_blocking=True),
                                batch_ranks.to(device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)

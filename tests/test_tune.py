@@ -423,3 +423,20 @@ def test_only_versions_of_a_study_name_count_as_earlier_studies():
 
     assert is_version_of("default-1a2b3c4d", "default")
     assert not is_version_of("default-foo-1a2b3c4d", "default") and not is_version_of("defaultx-1a2b3c4d", "default")
+
+
+def test_best_params_floats_survive_dvcs_round_trip_exactly():
+    """DVC reads best_params.yaml with ruamel's round-trip loader and writes what it read to dvc.lock;
+    a value that comes back changed makes `dvc status` call the params modified after every tune."""
+    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+
+    from src.study_outputs import dump_params_yaml
+
+    values = [float(v) for v in 10 ** np.random.default_rng(0).uniform(-10, 2, 500)] + [2.559642090152666e-06]
+    record = {"params": {f"p{i}": v for i, v in enumerate(values)}, "smoothing_sigma": 25.0}
+
+    def through_dvc(text):
+        return yaml.safe_load(dumps_yaml(parse_yaml_for_update(text, "best_params.yaml")))
+
+    assert through_dvc(dump_params_yaml(record)) == record
+    assert through_dvc(yaml.safe_dump(record)) != record  # what plain exponent notation would do
