@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -173,6 +174,19 @@ def _fits(value: Any, field_type: Any) -> bool:
     return False  # lists and mappings cannot be Optuna choices
 
 
+RUN_DIGITS = 12
+
+
+def run_value(value: Any) -> Any:
+    """The value a trial runs with: a drawn float cut to 12 significant digits, so that it reads back
+    exactly wherever it is written. DVC re-writes ``dvc.lock`` through ruamel.yaml, which changes
+    many floats of 14 or more digits in exponent notation by one unit in the last place
+    (2.559642090152666e-06 -> ...665e-06); `dvc status` then calls ``best_params.yaml`` modified."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.{RUN_DIGITS}g}")
+    return value
+
+
 def suggest(trial: Any, space: list[SearchParam], base_raw: dict) -> Params:
     """Draw every searched value that acts from ``trial`` and return the full config (base + draws)."""
     raw = copy.deepcopy(base_raw)
@@ -184,7 +198,7 @@ def suggest(trial: Any, space: list[SearchParam], base_raw: dict) -> Params:
         elif p.kind == "int":
             value = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
         else:
-            value = trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log)
+            value = run_value(trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log))
         raw[p.section][p.field] = value
     return params_from_dict(raw)
 

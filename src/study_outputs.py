@@ -10,15 +10,14 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from src.io_utils import atomic_path, write_csv
+from src.space import run_value
 
 
 @dataclass(frozen=True)
@@ -38,29 +37,8 @@ def trial_counts(study) -> dict[str, int]:
 def best_params_record(study) -> dict:
     best = study.best_trial
     return {"study": study.study_name, "trial": best.number, "cv_spearman": round(best.value, 6),
-            "smoothing_sigma": best.user_attrs.get("smoothing_sigma"), "params": dict(best.params)}
-
-
-class _PositionalFloats(yaml.SafeDumper):
-    """Floats in positional notation (0.000002559642090152666, the shortest that reads back exactly).
-
-    DVC reads a params file with ruamel.yaml's round-trip loader and writes what it read to dvc.lock;
-    ruamel re-writes about a quarter of exponent-notation floats one unit in the last place off
-    (2.559642090152666e-06 becomes ...665e-06), and `dvc status` then calls the params modified."""
-
-
-def _represent_float(dumper: yaml.SafeDumper, value: float) -> yaml.ScalarNode:
-    if not math.isfinite(value):
-        return dumper.represent_float(value)
-    return dumper.represent_scalar("tag:yaml.org,2002:float", np.format_float_positional(value, trim="0"))
-
-
-_PositionalFloats.add_representer(float, _represent_float)
-
-
-def dump_params_yaml(record: dict) -> str:
-    """YAML text of a params file DVC tracks: floats that survive DVC's round trip exactly."""
-    return yaml.dump(record, Dumper=_PositionalFloats, sort_keys=False)
+            "smoothing_sigma": best.user_attrs.get("smoothing_sigma"),
+            "params": {name: run_value(value) for name, value in best.params.items()}}
 
 
 def tune_metrics(study) -> dict:
@@ -90,7 +68,7 @@ def optimization_history(study) -> pd.DataFrame:
 
 def write_outputs(study, targets: list[str], out: StageOutputs) -> None:
     with atomic_path(out.best_params) as tmp:
-        tmp.write_text(dump_params_yaml(best_params_record(study)))
+        tmp.write_text(yaml.safe_dump(best_params_record(study), sort_keys=False))
     with atomic_path(out.metrics) as tmp:
         tmp.write_text(json.dumps(tune_metrics(study), indent=2) + "\n")
     write_csv(out.cv_per_type, cv_per_type_table(study, targets))

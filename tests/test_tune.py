@@ -425,18 +425,23 @@ def test_only_versions_of_a_study_name_count_as_earlier_studies():
     assert not is_version_of("default-foo-1a2b3c4d", "default") and not is_version_of("defaultx-1a2b3c4d", "default")
 
 
-def test_best_params_floats_survive_dvcs_round_trip_exactly():
-    """DVC reads best_params.yaml with ruamel's round-trip loader and writes what it read to dvc.lock;
-    a value that comes back changed makes `dvc status` call the params modified after every tune."""
+def test_tuned_floats_survive_dvcs_lock_rewrites_exactly():
+    """DVC writes best_params.yaml's values into dvc.lock, then re-reads and re-writes the lock through
+    ruamel.yaml at each later stage; a value that comes back changed makes `dvc status` call the params
+    modified after every tune. The values trials run with (and best_params.yaml holds) come back."""
     from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
 
-    from src.study_outputs import dump_params_yaml
+    from src.space import run_value
 
-    values = [float(v) for v in 10 ** np.random.default_rng(0).uniform(-10, 2, 500)] + [2.559642090152666e-06]
-    record = {"params": {f"p{i}": v for i, v in enumerate(values)}, "smoothing_sigma": 25.0}
+    drawn = [float(v) for v in 10 ** np.random.default_rng(0).uniform(-10, 2, 2000)] + [2.559642090152666e-06]
 
-    def through_dvc(text):
-        return yaml.safe_load(dumps_yaml(parse_yaml_for_update(text, "best_params.yaml")))
+    def through_lock(values):
+        lock = dumps_yaml({"params": values})  # DVC writing the stage's params
+        return yaml.safe_load(dumps_yaml(parse_yaml_for_update(lock, "dvc.lock")))["params"]  # re-written
 
-    assert through_dvc(dump_params_yaml(record)) == record
-    assert through_dvc(yaml.safe_dump(record)) != record  # what plain exponent notation would do
+    ran = [run_value(v) for v in drawn]
+    assert through_lock(ran) == ran and np.allclose(ran, drawn, rtol=1e-11, atol=0)
+    assert through_lock(drawn) != drawn  # what the raw draws would do
+    trial = FixedTrial({"train.lr_head": 2.559642090152666e-06})
+    space = parse_space({"train": {"lr_head": {"low": 1e-7, "high": 1.0, "log": True}}})
+    assert suggest(trial, space, base_raw()).train.lr_head == run_value(2.559642090152666e-06)
