@@ -20,7 +20,8 @@ $(VENV)/.torch-installed: | $(BIN)/python
 	$(BIN)/pip install $(TORCH_PAIR)
 	touch $@
 
-# torchsort builds a CUDA extension whenever `nvcc` is on PATH; without a CUDA device (or where
+# torchsort builds a CUDA extension whenever `nvcc` is on PATH (without it, a CPU-only one: set-up then
+# fails where torch sees a GPU, see src/devices.py); without a CUDA device (or where
 # libcudart cannot be linked) that build fails, so nvcc is hidden and the CPU-only extension built.
 # TORCHSORT_CUDA=1 insists on the CUDA extension (an image or a login node with nvcc but no GPU:
 # the GPU architectures to compile for then come from TORCH_CUDA_ARCH_LIST).
@@ -28,18 +29,17 @@ TORCHSORT_CUDA ?= auto
 TORCH_CUDA_ARCH_LIST ?= 8.0;8.6;8.9;9.0+PTX
 $(VENV)/.torchsort-installed: $(VENV)/.torch-installed
 	@if [ "$(TORCHSORT_CUDA)" = 1 ]; then \
-	  TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" $(BIN)/pip install --no-build-isolation $(TORCHSORT) \
-	    && echo "torchsort: built with CUDA for $(TORCH_CUDA_ARCH_LIST)"; \
+	  TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" $(BIN)/pip install --no-build-isolation $(TORCHSORT); \
 	elif [ "$(TORCHSORT_CUDA)" = auto ] \
 	   && $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-	   && $(BIN)/pip install --no-build-isolation $(TORCHSORT); then \
-	  echo "torchsort: built with CUDA"; \
+	   && $(BIN)/pip install --no-build-isolation $(TORCHSORT); then :; \
 	else \
 	  echo "torchsort: building the CPU-only extension"; \
 	  PATH="$$(echo "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/nvcc" ] || printf '%s:' "$$d"; done)" \
 	    $(BIN)/pip install --no-build-isolation $(TORCHSORT); \
 	fi
 	$(BIN)/python -c "import torchsort"
+	$(BIN)/python -m src.devices  # where torch sees a GPU: soft_rank must run on it, else set-up fails
 	touch $@
 
 $(VENV)/.project-installed: pyproject.toml $(VENV)/.torchsort-installed

@@ -1,4 +1,7 @@
-"""Benchmarks that print figures: ``python -m src.bench stain``, ``trial``, ``data`` and ``search``.
+"""Benchmarks that print figures: ``python -m src.bench stain``, ``trial``, ``study``, ``data`` and ``search``.
+
+``study``: a whole seeded study as ``python -m src.tune`` processes, with and without the feature
+cache, and the profile of a cached trial (``src.bench_study``).
 
 ``search``: hand-set vs tuned recipe on the test slide over several simulated data sets, and whether
 the CV ranks recipes as the test slide does (``src.bench_search``).
@@ -257,8 +260,18 @@ def main(argv: list[str] | None = None) -> None:
     search.add_argument("--params", type=Path, default=Path("params.yaml"))
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for every seed (repeatable)")
+    study = sub.add_parser("study", help="a whole study cached vs uncached, and a cached trial's profile")
+    study.add_argument("--trials", type=int, default=3, help="trials per study (default 3)")
+    study.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store (default data/patches)")
+    study.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override the recipe or space (repeatable)")
     args = parser.parse_args(argv)
-    if args.what == "search":
+    if args.what == "study":
+        from src.bench_study import bench_study, print_study
+
+        print_study(bench_study(args.trials, args.patches, args.set, args.work))
+    elif args.what == "search":
         from src.bench_search import bench_search
 
         bench_search(args.seeds, args.params, args.set, args.work, args.trials, args.replay)

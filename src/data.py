@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,13 @@ class RandomDihedral(torch.nn.Module):
         return dihedral(image, DIHEDRAL[int(torch.randint(len(DIHEDRAL), ()))])
 
 
+DOWNSAMPLING_WARNED = 2  # a context shrunk this much or more is reported (once per process)
+
+
+class DownsamplingWarning(UserWarning):
+    """Patches much larger than the backbone's input: detail is thrown away before the model sees it."""
+
+
 def build_transform(prep: Preprocessing, patch_size: int, train: TrainConfig | None) -> v2.Compose:
     """uint8 CHW patch -> the spot's context (centre crop), augmented when training, resized to the
     backbone's input size and normalized."""
@@ -121,6 +129,10 @@ def build_transform(prep: Preprocessing, patch_size: int, train: TrainConfig | N
             j = train.color_jitter
             steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j, 0.5) / 2))
     if prep.input_size != crop:
+        if crop >= DOWNSAMPLING_WARNED * prep.input_size:
+            warnings.warn(f"model.input_size = {prep.input_size} shrinks the {crop}-px context {crop / prep.input_size:.1f}x "
+                          "before the backbone sees it (model.input_size: 0 feeds the backbone's own size)",
+                          DownsamplingWarning, stacklevel=2)
         steps.append(v2.Resize(prep.input_size, antialias=True))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
     return v2.Compose(steps)

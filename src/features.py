@@ -2,13 +2,18 @@
 dihedral variant, reuse it across epochs, folds and trials.
 
 The backbone is cut at a block boundary (``cut`` leading blocks of ``backbone_blocks``). The cache
-holds the activation at that boundary, fp16, memory-mapped, for every patch and variant. Training then
+holds the activation at that boundary, memory-mapped, for every patch and variant, computed on the
+training device with its precision (``src.devices.autocast``: fp32 on a CPU, bf16 autocast on CUDA)
+and stored in the dtype that produced, so the cached path (CV) and the uncached one (evaluation,
+prediction) run the same numbers. Training then
 runs only the blocks after the cut (frozen ones without gradient) and the head: while the cached
 features are fed in, every module of the prefix is short-circuited (the module at the cut returns the
 cached batch, the others a zero placeholder of their recorded shape), so this works for any timm
 backbone whose prefix modules return tensors -- ResNet, ConvNeXt, ViT, EfficientNet, ...
 
-Cache key: backbone name, prefix weights, patches, input size and normalization, cut and variants.
+Cache key: backbone name, prefix weights, patches, input size and normalization, cut, variants and
+dtype. Only the variants a study reads are built: all 8 dihedral ones with ``train.flips``, else the
+test-time ones.
 A file whose size or checksum does not match its metadata is rebuilt, never used. Processes that
 share a cache folder (the workers of one study) build each cache once, under a file lock.
 """
@@ -24,12 +29,14 @@ import torch
 from filelock import FileLock
 
 from src.data import DIHEDRAL, PatchSet, build_transform, dihedral
+from src.devices import autocast
 from src.errors import InputError
 from src.io_utils import atomic_path
 from src.model import SpatialCellModel
 from src.prefix import PrefixSplit
 
-CACHE_DTYPE = np.float16
+# Activation dtype -> how the array stores it (numpy has no bfloat16: its bits are kept as int16).
+STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
 
 
 def deepest_cut(model: SpatialCellModel, max_unfrozen: int) -> int:
@@ -49,11 +56,17 @@ def _digest_file(path: Path, chunk: int = 1 << 24) -> str:
 class FeatureCache:
     """Cached activations: ``array[v, i]`` is variant ``variants[v]`` of patch ``i``."""
 
-    array: np.ndarray  # V x N x C x ... fp16 (memory-mapped)
+    array: np.ndarray  # V x N x C x ... (memory-mapped), in STORAGE[dtype]
     variants: tuple[str, ...]
     cut: int
     folder: Path
+    dtype: torch.dtype  # of the activations stored
     resident: torch.Tensor | None = None  # the same array on the GPU, when it fits
+
+    def tensor(self, block: np.ndarray) -> torch.Tensor:
+        """A block of the array as the activations it stores (no copy)."""
+        out = torch.from_numpy(block)
+        return out.view(torch.bfloat16) if self.dtype == torch.bfloat16 else out
 
     def keep_on(self, device: torch.device, share: float = 0.5) -> None:
         """Copy the cache to the GPU if it takes at most ``share`` of the free memory there."""
@@ -61,7 +74,7 @@ class FeatureCache:
             return
         free, _ = torch.cuda.mem_get_info(device)
         if self.array.nbytes <= share * free:
-            self.resident = torch.from_numpy(np.ascontiguousarray(self.array)).to(device)
+            self.resident = self.tensor(np.ascontiguousarray(self.array)).to(device)
 
     def variant_index(self, name: str) -> int:
         if name not in self.variants:
@@ -70,12 +83,12 @@ class FeatureCache:
 
 
 def cache_key(model: SpatialCellModel, split: PrefixSplit, patch_set: PatchSet,
-              variants: tuple[str, ...]) -> dict:
+              variants: tuple[str, ...], dtype: torch.dtype) -> dict:
     prep = model.preprocessing
     return {"backbone": model.cfg.backbone, "weights": split.weights_digest(),
             "patches": patch_set.images_digest(), "patch_size": patch_set.patch_size,
             "input_size": prep.input_size, "context": prep.crop(patch_set.patch_size), "mean": list(prep.mean), "std": list(prep.std),
-            "cut": split.cut, "variants": list(variants), "dtype": np.dtype(CACHE_DTYPE).name}
+            "cut": split.cut, "variants": list(variants), "dtype": str(dtype).removeprefix("torch.")}
 
 
 def _valid(folder: Path, key: dict) -> bool:
@@ -105,58 +118,68 @@ def build_or_load(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: 
 
     model.eval().to(device)
     split._record(batch(0)[:1])
-    key = cache_key(model, split, patch_set, variants)
+    with torch.inference_mode(), autocast(device):
+        dtype = split.prefix(batch(0)[:1]).dtype  # what the device's precision path produces at the cut
+    key = cache_key(model, split, patch_set, variants, dtype)
     folder = Path(root) / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     if _valid(folder, key):
-        return _load(folder, variants, cut), split
+        return _load(folder, variants, cut, dtype), split
     # Workers sharing train.cache_dir (several processes of a study) build a cache once: the first
     # takes the lock and builds, the others wait and then load what it wrote.
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if _valid(folder, key):
-            return _load(folder, variants, cut), split
+            return _load(folder, variants, cut, dtype), split
         if folder.exists():
             log(f"feature cache {folder} is incomplete or corrupt: rebuilding it")
         n = len(patch_set.images)
         shape = (len(variants), n, *split.shapes[split.cut_module])
         with atomic_path(folder) as tmp:
             tmp.mkdir()
-            array = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=CACHE_DTYPE, shape=shape)
-            with torch.inference_mode():
+            array = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=STORAGE[dtype], shape=shape)
+            with torch.inference_mode(), autocast(device):
                 for start in range(0, n, batch_size):
                     images = batch(start)
                     for v, name in enumerate(variants):
-                        out = split.prefix(dihedral(images, name))
-                        array[v, start : start + len(images)] = out.float().cpu().numpy().astype(CACHE_DTYPE)
+                        out = split.prefix(dihedral(images, name)).to(dtype).cpu()
+                        array[v, start : start + len(images)] = (
+                            out.view(torch.int16) if dtype == torch.bfloat16 else out).numpy()
             array.flush()
             del array
             meta = {"key": key, "bytes": (tmp / "features.npy").stat().st_size,
                     "checksum": _digest_file(tmp / "features.npy")}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         log(f"built feature cache {folder} ({shape[0]} variants x {shape[1]} patches, {tuple(shape[2:])})")
-    return _load(folder, variants, cut), split
+    return _load(folder, variants, cut, dtype), split
 
 
-def _load(folder: Path, variants: tuple[str, ...], cut: int) -> FeatureCache:
-    return FeatureCache(np.load(folder / "features.npy", mmap_mode="r"), variants, cut, folder)
+def _load(folder: Path, variants: tuple[str, ...], cut: int, dtype: torch.dtype) -> FeatureCache:
+    return FeatureCache(np.load(folder / "features.npy", mmap_mode="r"), variants, cut, folder, dtype)
 
 
 _LOADED: dict[tuple, tuple[FeatureCache, PrefixSplit]] = {}
 
 
+def needed_variants(flips: bool, tta: list[str]) -> tuple[str, ...]:
+    """The dihedral variants a study reads: training draws all 8 with flips; else identity and the TTA ones."""
+    return DIHEDRAL if flips else tuple(v for v in DIHEDRAL if v == "identity" or v in tta)
+
+
 def cache_for(model: SpatialCellModel, patch_set: PatchSet, max_unfrozen: int, root: Path,
-              device: torch.device, log=print) -> tuple[FeatureCache, PrefixSplit]:
+              device: torch.device, variants: tuple[str, ...] = DIHEDRAL, log=print
+              ) -> tuple[FeatureCache, PrefixSplit]:
     """The feature cache for ``model`` (built, loaded from disk, or reused within this process).
 
     A model with the same prefix weights (same backbone and seed) on the same patches shares it,
     whatever its own unfrozen block count up to ``max_unfrozen``."""
     cut = deepest_cut(model, max_unfrozen)
     weights = PrefixSplit(model, cut).weights_digest()
-    memo = (patch_set.images_digest(), model.cfg.backbone, cut, model.preprocessing, weights, str(root))
+    memo = (patch_set.images_digest(), model.cfg.backbone, cut, model.preprocessing, weights, str(root), variants,
+            device.type)
     if memo in _LOADED:
         cache, template = _LOADED[memo]
         return cache, PrefixSplit(model, cut).adopt(template)
-    cache, split = build_or_load(model, patch_set, cut, root, device=device, log=log)
+    cache, split = build_or_load(model, patch_set, cut, root, variants=variants, device=device, log=log)
     cache.keep_on(device)
     _LOADED[memo] = (cache, split)
     return cache, split
@@ -164,11 +187,11 @@ def cache_for(model: SpatialCellModel, patch_set: PatchSet, max_unfrozen: int, r
 
 def cached_batch(cache: FeatureCache, variant_index: np.ndarray, rows: np.ndarray,
                  device: torch.device) -> torch.Tensor:
-    """float32 features of ``rows`` (one variant per row) as a device tensor."""
+    """float32 features of ``rows`` (one variant per row) as a device tensor (exactly the stored values)."""
     if cache.resident is not None:  # gathered on the GPU: no host copy, no sync
         index = torch.from_numpy(variant_index).to(device), torch.from_numpy(rows).to(device)
         return cache.resident[index].float()
     order = np.argsort(rows, kind="stable")  # memmap reads are faster in file order
-    block = np.empty((len(rows), *cache.array.shape[2:]), dtype=CACHE_DTYPE)
+    block = np.empty((len(rows), *cache.array.shape[2:]), dtype=cache.array.dtype)
     block[order] = cache.array[variant_index[order], rows[order]]
-    return torch.from_numpy(block).to(device, non_blocking=True).float()
+    return cache.tensor(block).to(device, non_blocking=True).float()

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from src.checkpoint import save_checkpoint
 from src.config import Params, add_params_arguments, apply_overrides, load_params, read_raw
 from src.data import PatchSet, SpotDataset, build_transform, load_patch_set
-from src.devices import autocast, default_device
+from src.devices import autocast, check_device, default_device
 from src.errors import InputError, exit_on_input_error
 from src.inference import predict
 from src.locations import shared_path
@@ -82,12 +82,13 @@ class Batches:
         self.cache = None
         spot = spot_inputs(model, patch_set, device, params.infer.batch_size)
         if cfg.feature_cache:
-            from src.features import cache_for
+            from src.features import cache_for, needed_variants
 
             if cfg.color_jitter > 0 or cfg.resized_crop > 0:
                 raise InputError("params: train.feature_cache fixes the backbone input: set train.color_jitter "
                                  "and train.resized_crop to 0 (dihedral flips stay available)")
-            self.cache, self.split = cache_for(model, patch_set, max_unfrozen(params), shared_path(cfg.cache_dir), device)
+            self.cache, self.split = cache_for(model, patch_set, max_unfrozen(params), shared_path(cfg.cache_dir), device,
+                                               needed_variants(cfg.flips, params.infer.tta))
             self.flips = cfg.flips
             self.spot = torch.from_numpy(spot)
             self.targets = torch.from_numpy(targets.astype(np.float32))
@@ -132,11 +133,36 @@ class Batches:
         return None if self.cache is None else (self.cache, self.split)
 
 
+def train_epoch(batches: Batches, loss_fn: AbundanceLoss, optimizer: torch.optim.Optimizer, scheduler,
+                grad_clip: float, device: torch.device, after_step: Callable[[], None] = lambda: None) -> float:
+    """One pass over the training batches; returns the mean loss (one host sync per epoch)."""
+    model = batches.model
+    model.train()
+    running = torch.zeros((), device=device)
+    for inputs, spot, batch_targets, batch_ranks in batches:
+        inputs = inputs.to(device, non_blocking=True)
+        if device.type == "cuda" and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            pred = batches.forward(inputs, spot.to(device, non_blocking=True))
+        loss = loss_fn(pred, batch_targets.to(device, non_blocking=True), batch_ranks.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        running += loss.detach()
+        after_step()
+    return float(running) / max(1, len(batches))
+
+
 def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: np.ndarray | None = None,
         on_epoch: EpochCallback | None = None, device: torch.device | None = None,
         show_progress: bool = True) -> FitResult:
     """Train a fresh model on ``train_rows``; report the validation score after each epoch."""
     device = device or default_device()
+    check_device(device)
     generator = seed_everything(params.train.seed)
     model = SpatialCellModel(params.model, n_outputs=len(patch_set.targets)).to(device)
     if device.type == "cuda":
@@ -167,25 +193,8 @@ def fit(params: Params, patch_set: PatchSet, train_rows: np.ndarray, val_rows: n
     with progress:
         for epoch in range(cfg.epochs):
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches), status="")
-            model.train()
-            running = torch.zeros((), device=device)
-            for inputs, spot, batch_targets, batch_ranks in batches:
-                inputs = inputs.to(device, non_blocking=True)
-                if device.type == "cuda" and inputs.ndim == 4:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                with autocast(device):
-                    pred = batches.forward(inputs, spot.to(device, non_blocking=True))
-                loss = loss_fn(pred, batch_targets.to(device, non_blocking=True),
-                               batch_ranks.to(device, non_blocking=True))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                running += loss.detach()
-                progress.advance(task)
-            epoch_loss = float(running) / max(1, len(batches))  # one host sync per epoch
+            epoch_loss = train_epoch(batches, loss_fn, optimizer, scheduler, cfg.grad_clip, device,
+                                     lambda: progress.advance(task))
             result.train_loss.append(epoch_loss)
             result.epochs_run = epoch + 1
             status = f"loss {epoch_loss:.4f}"

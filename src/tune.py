@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 
 from src.config import Params, apply_overrides, params_from_dict, read_raw
 from src.data import PatchSet, load_patch_set
+from src.devices import check_device, default_device
 from src.errors import InputError, exit_on_input_error
 from src.locations import shared_path, shared_storage_url
 from src.losses import to_abundance_scale
@@ -233,6 +234,7 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
     if not space:
         raise InputError("params: tune.space is empty: nothing to search")
     check_space(space, base_raw, patch_set.patch_size)
+    check_device(default_device())  # a GPU without torchsort's CUDA op: one error now, not a crash per trial
     hand_set = defaults(space, base_raw)
     n_folds = fold_count(params.cv, patch_set.spots["slide"].to_numpy())
     storage = create_storage(storage_url, params.tune.heartbeat_s)
