@@ -1,5 +1,8 @@
 """Benchmarks that print figures: ``python -m src.bench stain``, ``trial``, ``study``, ``data`` and ``search``.
 
+``scale``: time, peak memory and disk of every stage at competition size, and how each grows with
+the slide and patch size (``src.bench_scale``).
+
 ``study``: a whole seeded study as ``python -m src.tune`` processes, with and without the feature
 cache, and the profile of a cached trial (``src.bench_study``).
 
@@ -266,8 +269,19 @@ def main(argv: list[str] | None = None) -> None:
     study.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override the recipe or space (repeatable)")
+    scale = sub.add_parser("scale", help="time, memory and disk of every stage at competition size")
+    scale.add_argument("--scales", nargs="+", default=["1000x64", "2000x64", "2000x224"],
+                       help="slide edge x patch edge in px, smallest first (default 1000x64 2000x64 2000x224)")
+    scale.add_argument("--work", type=Path, default=Path("cache/bench-scale"), help="work folder (one per scale)")
+    scale.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override params for every scale, e.g. train.epochs=1 (repeatable)")
     args = parser.parse_args(argv)
-    if args.what == "study":
+    if args.what == "scale":
+        from src.bench_scale import bench_scale, print_scale
+
+        scales = [tuple(int(v) for v in text.split("x")) for text in args.scales]
+        print_scale(bench_scale(scales, args.work, args.set))
+    elif args.what == "study":
         from src.bench_study import bench_study, print_study
 
         print_study(bench_study(args.trials, args.patches, args.set, args.work))
