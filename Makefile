@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 TORCHSORT := torchsort==0.1.10
 
-.PHONY: setup browser vega postgres repro test test-fast bench dashboard exps plots clean
+.PHONY: setup browser vega postgres repro test test-fast bench dashboard exps plots clean gpu-wheels gpu-check
 
 setup: $(VENV)/.project-installed
 
@@ -45,6 +45,24 @@ $(VENV)/.torchsort-installed: $(VENV)/.torch-installed
 $(VENV)/.project-installed: pyproject.toml $(VENV)/.torchsort-installed
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
+
+# GPU check (README "GPU check"). `make gpu-wheels` here (pip reaches an index) keeps in .whl/ what a
+# CUDA machine with only PyTorch lacks, at this venv's versions, for its Python; `make gpu-check` there
+# installs them offline, builds torchsort with its nvcc and runs `python -m src.gpu_check`.
+GPU_WHEELS := .whl
+GPU_PYTHON ?= 3.12
+GPU_PACKAGES := optuna sqlalchemy alembic colorlog mako spams-bin
+GPU_PLATFORMS := $(foreach n,17 24 27 28,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels: setup
+	mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	  $(GPU_PLATFORMS) -d $(GPU_WHEELS) $$($(BIN)/python -c "from importlib.metadata import version; \
+	  print(' '.join(f'{n}=={version(n)}' for n in '$(GPU_PACKAGES)'.split()))")
+	$(BIN)/pip download -q --no-deps --no-binary=:all: --no-build-isolation -d $(GPU_WHEELS) $(TORCHSORT)
+	@du -sh $(GPU_WHEELS)
+
+gpu-check:
+	bash deploy/gpu_check.sh
 
 # Stage commands call `python`: the venv's bin goes first on PATH so they run in the venv.
 repro: setup
