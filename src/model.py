@@ -189,6 +189,7 @@ class SpatialCellModel(nn.Module):
                              f"the backbone's frozen blocks, but model.unfrozen_blocks = {cfg.unfrozen_blocks} "
                              f"trains all {len(self.blocks)} of {cfg.backbone}")
         self._descriptor_split = PrefixSplit(self, self.descriptor_cut)
+        self._descriptor_digest: str | None = None
         size = self.preprocessing.input_size
         self.descriptor_width = int(self.spot_descriptors(torch.zeros(1, 3, size, size)).shape[1])
         self.neighbour_proj = nn.Sequential(nn.LayerNorm(self.descriptor_width),
@@ -239,8 +240,15 @@ class SpatialCellModel(nn.Module):
             self.train(was_training)
         return pool_positions(activation, getattr(self.backbone, "output_fmt", "NCHW") == "NHWC")
 
+    def load_state_dict(self, *args, **kwargs):
+        self._descriptor_digest = None  # new weights: hash the describing blocks again
+        return super().load_state_dict(*args, **kwargs)
+
     def descriptor_digest(self) -> str:
-        return self._descriptor_split.weights_digest()
+        """Content hash of the blocks that describe spots (frozen for the model's life: hashed once)."""
+        if self._descriptor_digest is None:
+            self._descriptor_digest = self._descriptor_split.weights_digest()
+        return self._descriptor_digest
 
     def forward_head(self, features: torch.Tensor, spot: torch.Tensor) -> torch.Tensor:
         """Pooled features and the spot's inputs -> one value per cell type (B, T). ``spot``: normalized
