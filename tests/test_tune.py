@@ -67,9 +67,10 @@ def test_suggest_builds_typed_configs_and_fixed_trial_rebuilds_them():
     space = parse_space(raw["tune"]["space"])
     values = {"loss.alpha": 0.3, "model.unfrozen_blocks": 2, "train.lr_head": 0.002, "train.lr_backbone": 1e-4,
               "model.fusion": "film", "train.weight_decay": 1e-3, "model.context": 16, "train.epochs": 2,
-              "model.dropout": 0.1, "loss.target_transform": "rank"}
+              "model.dropout": 0.1, "loss.target_transform": "rank", "model.neighbour_radius": 30}
     params = suggest(FixedTrial(values), space, raw)
     assert params.loss.alpha == 0.3 and params.model.unfrozen_blocks == 2 and params.model.fusion == "film"
+    assert params.model.neighbour_radius == 30
     assert params.loss.target_transform == "rank" and params.model.context == 16 and params.train.epochs == 2
     assert params.model.backbone == "resnet10t"  # unsearched values come from params.yaml
     # loss.log_epsilon acts only on log targets: a rank trial has none (FixedTrial would raise otherwise)
