@@ -117,9 +117,10 @@ def build_or_load(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: 
         return transform(raw).to(device)
 
     model.eval().to(device)
-    split._record(batch(0)[:1])
+    first = batch(0)[:1]
+    split._record(first)
     with torch.inference_mode(), autocast(device):
-        dtype = split.prefix(batch(0)[:1]).dtype  # what the device's precision path produces at the cut
+        dtype = split.prefix(first).dtype  # what the device's precision path produces at the cut
     key = cache_key(model, split, patch_set, variants, dtype)
     folder = Path(root) / hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     if _valid(folder, key):

@@ -276,7 +276,6 @@ class Ensemble(nn.Module):
         self.preprocessing = members[0].preprocessing
         if self.cfg.neighbour_radius > 0 and len({m.descriptor_digest() for m in members}) > 1:
             raise ValueError("ensemble members describe spots differently (frozen blocks differ)")
-        self.spot_descriptors = members[0].spot_descriptors
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [m.forward_features(images) for m in self.members]
