@@ -47,18 +47,23 @@ def _tune_command(work: Path, mode: str, trials: int, patches: Path, overrides: 
 
 
 def prebuild_cache(params, patch_set) -> float:
-    """Build (or find) the feature cache a study of ``params`` reads; seconds taken."""
+    """Build (or find) the feature caches a study of ``params`` reads, one per unfrozen block count it
+    may train (as every study after the first finds them); seconds taken."""
+    from dataclasses import replace
+
     from src.devices import default_device
     from src.features import cache_for, needed_variants
     from src.locations import shared_path
     from src.model import SpatialCellModel
-    from src.train import max_unfrozen, seed_everything
+    from src.train import max_unfrozen, seed_everything, unfrozen_counts
 
     start = time.perf_counter()
-    seed_everything(params.train.seed)  # the prefix weights every trial of the study starts from
-    model = SpatialCellModel(params.model, n_outputs=len(patch_set.targets))
-    cache_for(model, patch_set, max_unfrozen(params), shared_path(params.train.cache_dir), default_device(),
-              needed_variants(params.train.flips, params.infer.tta), log=lambda _: None)
+    for unfrozen in unfrozen_counts(params):
+        trial = replace(params, model=replace(params.model, unfrozen_blocks=unfrozen))
+        seed_everything(params.train.seed)  # the prefix weights every trial of the study starts from
+        model = SpatialCellModel(trial.model, n_outputs=len(patch_set.targets))
+        cache_for(model, patch_set, max_unfrozen(params), shared_path(params.train.cache_dir), default_device(),
+                  needed_variants(params.train.flips, params.infer.tta), log=lambda _: None)
     return time.perf_counter() - start
 
 

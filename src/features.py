@@ -23,6 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,6 +43,11 @@ STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16:
 def deepest_cut(model: SpatialCellModel, max_unfrozen: int) -> int:
     """Cache as many blocks as no trial of the study will train (at least the stem)."""
     return max(1, len(model.blocks) - max_unfrozen)
+
+
+def model_cut(model: SpatialCellModel) -> int:
+    """Every block this model keeps frozen: the deepest cut its training can read."""
+    return deepest_cut(model, model.cfg.unfrozen_blocks)
 
 
 def _digest_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -106,8 +112,14 @@ def _valid(folder: Path, key: dict) -> bool:
 
 def build_or_load(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: Path,
                   variants: tuple[str, ...] = DIHEDRAL, batch_size: int = 128,
-                  device: torch.device | None = None, log=print) -> tuple[FeatureCache, PrefixSplit]:
-    """The cache for this model's prefix and these patches: loaded if valid, else (re)built."""
+                  device: torch.device | None = None, log=print,
+                  source: Callable[[], tuple[FeatureCache, PrefixSplit]] | None = None
+                  ) -> tuple[FeatureCache, PrefixSplit]:
+    """The cache for this model's prefix and these patches: loaded if valid, else (re)built.
+
+    ``source``, when given, returns a cache of the same model at a shallower cut holding the same
+    variants: a build then runs only the blocks between the two cuts on its features, not the whole
+    prefix on the images."""
     device = device or torch.device("cpu")
     split = PrefixSplit(model, cut)
     transform = build_transform(model.preprocessing, patch_set.patch_size, train=None)
@@ -138,13 +150,13 @@ def build_or_load(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: 
         with atomic_path(folder) as tmp:
             tmp.mkdir()
             array = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=STORAGE[dtype], shape=shape)
+            activations = _from_cache(split, *source(), variants, batch_size, device) if source else \
+                _from_images(split, batch, n, variants, batch_size)
             with torch.inference_mode(), autocast(device):
-                for start in range(0, n, batch_size):
-                    images = batch(start)
-                    for v, name in enumerate(variants):
-                        out = split.prefix(dihedral(images, name)).to(dtype).cpu()
-                        array[v, start : start + len(images)] = (
-                            out.view(torch.int16) if dtype == torch.bfloat16 else out).numpy()
+                for start, v, out in activations:
+                    out = out.to(dtype).cpu()
+                    array[v, start : start + len(out)] = (
+                        out.view(torch.int16) if dtype == torch.bfloat16 else out).numpy()
             array.flush()
             del array
             meta = {"key": key, "bytes": (tmp / "features.npy").stat().st_size,
@@ -152,6 +164,29 @@ def build_or_load(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: 
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         log(f"built feature cache {folder} ({shape[0]} variants x {shape[1]} patches, {tuple(shape[2:])})")
     return _load(folder, variants, cut, dtype), split
+
+
+def _from_images(split: PrefixSplit, batch: Callable[[int], torch.Tensor], n: int, variants: tuple[str, ...],
+                 batch_size: int):
+    """(first row, variant index, activations at the cut) of every batch: the prefix run on the images."""
+    for start in range(0, n, batch_size):
+        images = batch(start)
+        for v, name in enumerate(variants):
+            yield start, v, split.prefix(dihedral(images, name))
+
+
+def _from_cache(split: PrefixSplit, source: FeatureCache, source_split: PrefixSplit, variants: tuple[str, ...],
+                batch_size: int, device: torch.device):
+    """The same, from a shallower cut's cache: only the blocks between the cuts run."""
+    if source.cut >= split.cut or source.variants != variants:
+        raise ValueError(f"a cache at cut {split.cut} cannot be derived from one at cut {source.cut}")
+    size = split.model.preprocessing.input_size
+    for start in range(0, source.array.shape[1], batch_size):
+        for v in range(len(variants)):
+            cached = source.tensor(np.array(source.array[v, start : start + batch_size])).to(device)
+            images = cached.new_zeros(()).expand(len(cached), 3, size, size)  # never read: the stem is replaced
+            with source_split.substitute(cached):
+                yield start, v, split.prefix(images)
 
 
 def _load(folder: Path, variants: tuple[str, ...], cut: int, dtype: torch.dtype) -> FeatureCache:
@@ -169,21 +204,36 @@ def needed_variants(flips: bool, tta: list[str]) -> tuple[str, ...]:
 def cache_for(model: SpatialCellModel, patch_set: PatchSet, max_unfrozen: int, root: Path,
               device: torch.device, variants: tuple[str, ...] = DIHEDRAL, log=print
               ) -> tuple[FeatureCache, PrefixSplit]:
-    """The feature cache for ``model`` (built, loaded from disk, or reused within this process).
+    """The feature cache ``model`` trains on (built, loaded from disk, or reused within this process).
 
-    A model with the same prefix weights (same backbone and seed) on the same patches shares it,
-    whatever its own unfrozen block count up to ``max_unfrozen``."""
-    cut = deepest_cut(model, max_unfrozen)
+    Every trial of a study shares the cache cut before the last ``max_unfrozen`` blocks (same backbone
+    and seed, same prefix weights). A model that trains fewer blocks reads a cache cut after all of its
+    frozen ones, derived from that shared one, so its steps run no frozen block at all."""
+    shared_cut = deepest_cut(model, max_unfrozen)
+    own_cut = max(shared_cut, model_cut(model))
+
+    def shared() -> tuple[FeatureCache, PrefixSplit]:
+        return _cache_at(model, patch_set, shared_cut, root, device, variants, log)
+
+    if own_cut == shared_cut:
+        cache, split = shared()
+    else:
+        cache, split = _cache_at(model, patch_set, own_cut, root, device, variants, log, source=shared)
+    cache.keep_on(device)
+    return cache, split
+
+
+def _cache_at(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: Path, device: torch.device,
+              variants: tuple[str, ...], log, source=None) -> tuple[FeatureCache, PrefixSplit]:
     weights = PrefixSplit(model, cut).weights_digest()
     memo = (patch_set.images_digest(), model.cfg.backbone, cut, model.preprocessing, weights, str(root), variants,
             device.type)
     if memo in _LOADED:
         cache, template = _LOADED[memo]
         return cache, PrefixSplit(model, cut).adopt(template)
-    cache, split = build_or_load(model, patch_set, cut, root, variants=variants, device=device, log=log)
-    cache.keep_on(device)
-    _LOADED[memo] = (cache, split)
-    return cache, split
+    _LOADED[memo] = build_or_load(model, patch_set, cut, root, variants=variants, device=device, log=log,
+                                  source=source)
+    return _LOADED[memo]
 
 
 def cached_batch(cache: FeatureCache, variant_index: np.ndarray, rows: np.ndarray,

@@ -63,11 +63,19 @@ class FitResult:
     cached: tuple | None = None  # (FeatureCache, PrefixSplit) when trained on cached features
 
 
-def max_unfrozen(params: Params) -> int:
-    """The most blocks any trial of the study trains: the feature cache is cut before them."""
+def unfrozen_counts(params: Params) -> list[int]:
+    """Every ``model.unfrozen_blocks`` a trial of the study may train: the hand-set one and the space's."""
     searched = params.tune.space.get("model", {}).get("unfrozen_blocks", {})
-    most = max(searched["choices"]) if "choices" in searched else searched.get("high", 0)
-    return max(params.model.unfrozen_blocks, int(most))
+    if "choices" in searched:
+        drawn = searched["choices"]
+    else:
+        drawn = range(int(searched.get("low", 0)), int(searched.get("high", 0)) + 1, int(searched.get("step", 1)))
+    return sorted({params.model.unfrozen_blocks, *(int(k) for k in drawn)})
+
+
+def max_unfrozen(params: Params) -> int:
+    """The most blocks any trial of the study trains: the shared feature cache is cut before them."""
+    return max(unfrozen_counts(params))
 
 
 class Batches:

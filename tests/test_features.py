@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from src.data import DIHEDRAL, build_transform, dihedral, load_patch_set
 from src.errors import InputError
-from src.features import build_or_load, cache_for, needed_variants
+from src.features import build_or_load, cache_for, model_cut, needed_variants
 from src.inference import predict
 from src.metrics import competition_score
 from src.model import SpatialCellModel
@@ -127,13 +127,57 @@ def test_corrupt_or_partial_cache_is_detected_and_rebuilt(train_set, tmp_path, d
 
 def test_in_process_reuse_across_models_with_other_unfrozen_counts(train_set, tmp_path):
     small = replace(train_set, images=np.ascontiguousarray(train_set.images[:8]), spots=train_set.spots.iloc[:8])
-    a, _ = cache_for(_model(unfrozen_blocks=1), small, 3, tmp_path, torch.device("cpu"), log=lambda _: None)
+    messages = []
+    a, _ = cache_for(_model(unfrozen_blocks=3), small, 3, tmp_path, torch.device("cpu"), log=messages.append)
     model = _model(unfrozen_blocks=3)
-    b, split = cache_for(model, small, 3, tmp_path, torch.device("cpu"), log=lambda _: None)
-    assert a is b and isinstance(split, PrefixSplit)
+    b, split = cache_for(model, small, 3, tmp_path, torch.device("cpu"), log=messages.append)
+    assert a is b and isinstance(split, PrefixSplit) and len(messages) == 1
     model.train()  # the adopted layout runs (stem activations included)
     features = split.features(torch.from_numpy(np.array(b.array[0, :4])).float(), 32)
     assert torch.isfinite(model.forward_head(features, torch.rand(4, 2))).all()
+
+
+@pytest.mark.parametrize("backbone, unfrozen", [
+    ("resnet10t", 1), ("resnet10t", 0), ("convnext_atto", 1), ("convnext_atto", 0), ("vit_tiny_patch16_224", 0),
+])
+def test_a_model_training_fewer_blocks_reads_a_deeper_cache_derived_from_the_shared_one(
+        train_set, tmp_path, backbone, unfrozen):
+    """Its steps run none of its frozen blocks; the derived features are those of the images."""
+    size = 0 if "vit" in backbone else 32
+    small = replace(train_set, images=np.ascontiguousarray(train_set.images[:12]), spots=train_set.spots.iloc[:12])
+    messages = []
+    model = _model(backbone=backbone, unfrozen_blocks=unfrozen, input_size=size)
+    cache, split = cache_for(model, small, 2, tmp_path / "derived", torch.device("cpu"), variants=("identity", "rot90"),
+                             log=messages.append)
+    assert cache.cut == model_cut(model) == len(model.blocks) - unfrozen
+    assert [m.split()[0] for m in messages] == ["built", "built"]  # the shared cut, then this model's
+    direct, _ = build_or_load(model, small, cache.cut, tmp_path / "direct", variants=("identity", "rot90"),
+                              log=lambda _: None)
+    np.testing.assert_allclose(np.asarray(cache.array), np.asarray(direct.array), **EXACT_TOL)
+    images = build_transform(model.preprocessing, small.patch_size, train=None)(
+        torch.from_numpy(np.array(small.images)).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        expected = model.forward_features(dihedral(images, "rot90"))
+        got = split.features(torch.from_numpy(np.array(cache.array[1])).float(), model.preprocessing.input_size)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), **EXACT_TOL)
+    again, _ = cache_for(_model(backbone=backbone, unfrozen_blocks=unfrozen, input_size=size), small, 2,
+                         tmp_path / "derived", torch.device("cpu"), variants=("identity", "rot90"), log=messages.append)
+    assert again is cache and len(messages) == 2  # reused in this process, not rebuilt
+
+
+def test_a_frozen_backbone_trains_its_head_on_the_cached_last_block(train_set, tmp_path):
+    """unfrozen_blocks 0: the cache holds the last block's output; the model CV scores is the one evaluated."""
+    params = fast_params(f"train.cache_dir={tmp_path}", "train.color_jitter=0.0", "model.unfrozen_blocks=0",
+                         "train.feature_cache=true")
+    rows = np.arange(len(train_set.spots))
+    result = fit(params, train_set, rows[::2], rows[1::2], show_progress=False)
+    cache = result.cached[0]
+    assert cache.cut == len(result.model.blocks) and cache.array.shape[2] == result.model.backbone.num_features
+    tta = ["identity", "hflip"]
+    cached = predict(result.model, train_set, rows[1::2], tta, cached=result.cached)
+    plain = predict(result.model, train_set, rows[1::2], tta)
+    truth = train_set.abundance[rows[1::2]]
+    assert round(competition_score(cached, truth), 6) == round(competition_score(plain, truth), 6)
 
 
 @pytest.mark.slow
