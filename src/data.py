@@ -16,14 +16,16 @@ from torchvision.transforms import v2
 from src.config import TrainConfig
 from src.errors import InputError
 from src.model import Preprocessing
+from src.patch_store import SlideCrops
 from src.patches import META_FILE
 
 
 @dataclass
 class PatchSet:
-    """Patches of one split with their spot table; ``images`` is memory-mapped (N x P x P x 3 uint8)."""
+    """Patches of one split with their spot table; ``images`` reads as N x P x P x 3 uint8 (crops of
+    memory-mapped slides, ``src.patch_store.SlideCrops``, or any such array)."""
 
-    images: np.ndarray
+    images: SlideCrops | np.ndarray
     spots: pd.DataFrame  # slide, spot, x, y, then targets or Test_Set
     targets: list[str]  # cell-type columns
     slide_sizes: dict[str, tuple[int, int]]  # slide -> (height, width)
@@ -31,7 +33,9 @@ class PatchSet:
     _digests: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def images_digest(self) -> str:
-        """Content hash of the patch pixels (computed once per PatchSet: ~1 s per GB)."""
+        """Content hash of the patch pixels (computed once per PatchSet: ~1 s per GB stored)."""
+        if "images" not in self._digests and isinstance(self.images, SlideCrops):
+            self._digests["images"] = self.images.digest()
         if "images" not in self._digests:
             h = hashlib.blake2b(digest_size=16)
             for start in range(0, len(self.images), 512):
@@ -68,15 +72,22 @@ class PatchSet:
 
 def load_patch_set(folder: str | Path, split: str = "train") -> PatchSet:
     folder = Path(folder)
-    images_path, spots_path = folder / f"{split}.npy", folder / f"{split}_spots.csv"
-    for path in (images_path, spots_path, folder / META_FILE):
+    crops_path, spots_path = folder / f"{split}_crops.npy", folder / f"{split}_spots.csv"
+    for path in (crops_path, spots_path, folder / META_FILE):
         if not path.is_file():
             raise InputError(f"{path}: not found (run `dvc repro patches` first)")
     meta = json.loads((folder / META_FILE).read_text())
-    images = np.load(images_path, mmap_mode="r")
+    names = meta.get("crops", {}).get(split, [])
+    for name in names:
+        if not (folder / f"{split}_slides" / f"{name}.npy").is_file():
+            raise InputError(f"{folder / f'{split}_slides' / f'{name}.npy'}: not found (run `dvc repro patches`)")
+    try:
+        images = SlideCrops.load(folder, split, names, int(meta["size"]))
+    except (ValueError, IndexError) as err:
+        raise InputError(f"{crops_path}: does not fit the slides of {folder} ({err})") from None
     spots = pd.read_csv(spots_path)
     if len(images) != len(spots):
-        raise InputError(f"{images_path}: {len(images)} patches but {len(spots)} rows in {spots_path}")
+        raise InputError(f"{crops_path}: {len(images)} patches but {len(spots)} rows in {spots_path}")
     sizes = {name: (s["height"], s["width"]) for name, s in meta["slides"].items()}
     return PatchSet(images, spots, list(meta["targets"]), sizes, int(meta["size"]))
 

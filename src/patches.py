@@ -1,11 +1,14 @@
-"""Stage ``patches``: a square uint8 patch around every spot, memory-mappable, with its spot table.
+"""Stage ``patches``: a square uint8 patch around every spot, with its spot table.
 
-Output folder (DVC-tracked):
-``{train,test}.npy``       N x P x P x 3 uint8 (``np.load(..., mmap_mode="r")``)
+Output folder (DVC-tracked), read by ``src.data.load_patch_set`` as one N x P x P x 3 array per split:
+``{train,test}_slides/``   each normalized slide once, reflect-padded (memory-mappable .npy): a patch is
+                           a crop of its slide, so the folder does not grow with the patch size
+                           (``src.patch_store``)
+``{train,test}_crops.npy`` N x 3 int32: the slide (its place in ``meta.json``'s ``crops``), top, left
 ``{train,test}_spots.csv`` one row per patch: slide, spot (row in the slide's table), x, y, then the
                            cell-type columns (train) or the remaining fields such as Test_Set (test)
 ``meta.json``              patch size, each slide's offset and how it was found (README "Registration"),
-                           cell-type names, slide sizes
+                           cell-type names, slide sizes, slide order per split
 """
 from __future__ import annotations
 
@@ -20,28 +23,11 @@ from src.config import PatchesConfig, add_params_arguments, load_params
 from src.errors import InputError, exit_on_input_error
 from src.io_utils import atomic_path
 from src.normalize import SLIDES_FILE
+from src.patch_store import crop_corners, padded_slide
 from src.registration import MIN_SPOTS, Registration, estimate_offset, tissue_cover, tissue_fraction
 from src.slides import SlideRef, open_h5, read_image_uint8, read_spots, slide_refs, target_names
 
 META_FILE = "meta.json"
-
-
-def crop_patches(image: np.ndarray, x: np.ndarray, y: np.ndarray, size: int,
-                 offset: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """Patches of ``size`` px centred on (x + dx, y + dy), reflect-padded at the borders: N x P x P x C.
-
-    The centre pixel is at index ``size // 2``, as in the seed's ``img[y-h:y+h, x-h:x+h]``.
-    """
-    dx, dy = offset
-    half = size // 2
-    pad = size + max(abs(dx), abs(dy))
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    rows = np.asarray(y) + dy + pad - half
-    cols = np.asarray(x) + dx + pad - half
-    out = np.empty((len(rows), size, size, image.shape[2]), dtype=image.dtype)
-    for i, (r, c) in enumerate(zip(rows, cols)):
-        out[i] = padded[r : r + size, c : c + size]
-    return out
 
 
 REGISTRATION_MODES = ("auto", "none")
@@ -95,26 +81,25 @@ def extract_patches(normalized: Path, out_dir: Path, cfg: PatchesConfig, log=pri
         tmp.mkdir()
         refs = slide_refs(h5)
         check_config(cfg, refs)
-        meta = {"size": cfg.size, "offsets": {}, "registration": {}, "targets": [], "slides": {}}
+        meta = {"size": cfg.size, "offsets": {}, "registration": {}, "targets": [], "slides": {}, "crops": {}}
         for split in ("Train", "Test"):
             split_refs = [r for r in refs if r.split == split]
             tables = [read_spots(h5, r) for r in split_refs]
-            total = sum(len(t) for t in tables)
-            if total == 0:
+            if sum(len(t) for t in tables) == 0:
                 continue
             if split == "Train":
                 meta["targets"] = target_names(list(tables[0].columns))
-            array = np.lib.format.open_memmap(
-                tmp / f"{split.lower()}.npy", mode="w+", dtype=np.uint8,
-                shape=(total, cfg.size, cfg.size, 3),
-            )
-            rows, start = [], 0
-            for ref, table in zip(split_refs, tables):
+            name = split.lower()
+            (tmp / f"{name}_slides").mkdir()
+            rows, crops = [], []
+            for number, (ref, table) in enumerate(zip(split_refs, tables)):
                 image = read_image_uint8(h5, ref)
                 reg = register_slide(image, ref, table, meta["targets"], cfg)
                 x, y = table["x"].to_numpy(), table["y"].to_numpy()
-                array[start : start + len(table)] = crop_patches(image, x, y, cfg.size, reg.offset)
-                start += len(table)
+                slide, pad = padded_slide(image, cfg.size, reg.offset)
+                np.save(tmp / f"{name}_slides" / f"{ref.name}.npy", slide)
+                corners = crop_corners(x, y, cfg.size, reg.offset, pad)
+                crops.append(np.column_stack([np.full(len(table), number), corners]).astype(np.int32))
                 cover = tissue_cover(image)
                 off_tissue = np.flatnonzero(tissue_fraction(cover, x + reg.offset[0], y + reg.offset[1]) < OFF_TISSUE)
                 off_before = int((tissue_fraction(cover, x, y) < OFF_TISSUE).sum())
@@ -124,12 +109,12 @@ def extract_patches(normalized: Path, out_dir: Path, cfg: PatchesConfig, log=pri
                 meta["slides"][ref.name] = {"split": split, "height": image.shape[0],
                                             "width": image.shape[1], "n_spots": len(table)}
                 log(describe(ref, reg, len(off_tissue), off_before, len(table)))
-            array.flush()
-            del array
+            np.save(tmp / f"{name}_crops.npy", np.concatenate(crops))
+            meta["crops"][name] = [r.name for r in split_refs]
             spots = pd.concat(rows, ignore_index=True)
             front = ["slide", "spot", "x", "y"]
             spots = spots[front + [c for c in spots.columns if c not in front]]
-            spots.to_csv(tmp / f"{split.lower()}_spots.csv", index=False)
+            spots.to_csv(tmp / f"{name}_spots.csv", index=False)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
 

@@ -18,7 +18,7 @@ from src.io_utils import write_csv
 from src.data import PatchSet
 from src.errors import InputError, exit_on_input_error
 from src.inference import predict_abundance
-from src.patches import crop_patches
+from src.patch_store import SlideCrops
 from src.slides import open_h5, read_image_uint8, read_spots, slide_refs
 from src.stain import StainNormalizer
 from src.validate import validate_file
@@ -28,7 +28,7 @@ def test_patch_set(h5_path: Path, meta: dict, log=print) -> PatchSet:
     """Normalize and crop every Test slide of ``h5_path`` as the checkpoint's training data was."""
     validate_file(h5_path)
     normalizer = StainNormalizer.from_dict(meta["stain"])
-    images, tables, sizes = [], [], {}
+    slides, tables, sizes = [], [], {}
     with open_h5(h5_path) as h5:
         refs = [r for r in slide_refs(h5) if r.split == "Test"]
         if not refs:
@@ -36,13 +36,13 @@ def test_patch_set(h5_path: Path, meta: dict, log=print) -> PatchSet:
         for ref in refs:
             image = normalizer.transform(read_image_uint8(h5, ref))
             spots = read_spots(h5, ref)
-            images.append(crop_patches(image, spots["x"].to_numpy(), spots["y"].to_numpy(), meta["patch_size"]))
+            slides.append((image, spots["x"].to_numpy(), spots["y"].to_numpy(), (0, 0)))
             tables.append(pd.DataFrame({"slide": ref.name, "spot": np.arange(len(spots)),
                                         "x": spots["x"], "y": spots["y"]}))
             sizes[ref.name] = image.shape[:2]
-            log(f"normalized and cropped {len(spots)} spots of Test/{ref.name}")
-    return PatchSet(np.concatenate(images), pd.concat(tables, ignore_index=True), list(meta["targets"]),
-                    sizes, meta["patch_size"])
+            log(f"normalized {len(spots)} spots of Test/{ref.name}")
+    return PatchSet(SlideCrops.from_slides(slides, meta["patch_size"]), pd.concat(tables, ignore_index=True),
+                    list(meta["targets"]), sizes, meta["patch_size"])
 
 
 def predict_file(model_path: Path, h5_path: Path, out: Path, log=print) -> pd.DataFrame:

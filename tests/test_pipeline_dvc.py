@@ -28,7 +28,7 @@ def test_repro_then_noop_then_only_changed_stages(repo):
     first = _run(["dvc", "repro"], path, env)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first
-    assert (path / "data/patches/train.npy").is_file()
+    assert (path / "data/patches/train_crops.npy").is_file()
     metrics = json.loads((path / "metrics/evaluate.json").read_text())
     assert {"cv_spearman", "test_spearman", "floor_spearman", "ceiling_spearman", "skill"} <= set(metrics)
     submission = (path / "outputs/submission.csv").read_text().splitlines()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from src.config import PatchesConfig, SimulateConfig
+from src.data import load_patch_set
 from src.patches import extract_patches
 from src.registration import estimate_offset
 from src.synthetic import simulate, write_layout
@@ -89,8 +90,8 @@ def test_hand_set_offsets_override_the_estimate_and_none_turns_it_off(shifted_st
     extract_patches(shifted_store, tmp_path / "none", PatchesConfig(32, "none", 100, {}), log=lambda _: None)
     meta = json.loads((tmp_path / "none" / "meta.json").read_text())
     assert meta["offsets"] == {"S_1": [0, 0], "S_2": [0, 0], "S_3": [0, 0]}
-    set_patches = np.load(tmp_path / "set" / "train.npy")
-    none_patches = np.load(tmp_path / "none" / "train.npy")
+    set_patches = load_patch_set(tmp_path / "set").images[:]
+    none_patches = load_patch_set(tmp_path / "none").images[:]
     s1 = slice(0, meta["slides"]["S_1"]["n_spots"])
     assert not np.array_equal(set_patches[s1], none_patches[s1])
 
