@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from src import features
 from src.data import DIHEDRAL, build_transform, dihedral, load_patch_set
 from src.errors import InputError
 from src.features import build_or_load, cache_for, model_cut, needed_variants
@@ -104,14 +105,18 @@ def test_cache_key_changes_with_every_part(train_set, tmp_path):
     assert len(set(changed.values())) == len(changed)
 
 
-@pytest.mark.parametrize("damage", ["flip bytes", "truncate", "drop meta"])
-def test_corrupt_or_partial_cache_is_detected_and_rebuilt(train_set, tmp_path, damage):
+@pytest.mark.parametrize("damage", ["flip bytes", "flip bytes, sampled checksum", "truncate", "drop meta"])
+def test_corrupt_or_partial_cache_is_detected_and_rebuilt(train_set, tmp_path, damage, monkeypatch):
+    if "sampled" in damage:  # a file larger than the sample: the checksum reads evenly spaced blocks
+        monkeypatch.setattr(features, "CHECKSUM_SAMPLE", (4, 512))
     small = replace(train_set, images=np.ascontiguousarray(train_set.images[:8]), spots=train_set.spots.iloc[:8])
     model = _model()
     folder = _folder(model, small, 3, tmp_path)
     good = np.load(folder / "features.npy").copy()
     path = folder / "features.npy"
-    if damage == "flip bytes":
+    if "sampled" in damage:
+        assert path.stat().st_size > 4 * 512 and '"checksum_sample": [\n    4,' in (folder / "meta.json").read_text()
+    if damage.startswith("flip bytes"):
         data = bytearray(path.read_bytes())
         data[-10:] = bytes(10)
         path.write_bytes(bytes(data))
