@@ -47,24 +47,43 @@ def _tune_command(work: Path, mode: str, trials: int, patches: Path, overrides: 
 
 
 def prebuild_cache(params, patch_set) -> float:
-    """Build (or find) the feature caches a study of ``params`` reads, one per unfrozen block count it
-    may train (as every study after the first finds them); seconds taken."""
+    """Build (or find) every feature cache a study of ``params`` may read, as every study after the
+    first finds them: one per backbone, context and unfrozen block count of the space; seconds taken."""
     from dataclasses import replace
+    from itertools import product
 
+    from src.config import to_dict
     from src.devices import default_device
     from src.features import cache_for, needed_variants
     from src.locations import shared_path
     from src.model import SpatialCellModel
+    from src.space import parse_space, values_of
     from src.train import max_unfrozen, seed_everything, unfrozen_counts
 
+    space, raw = parse_space(params.tune.space), to_dict(params)
+    backbones, contexts = (sorted({getattr(params.model, field), *values_of(space, f"model.{field}", raw)})
+                           for field in ("backbone", "context"))
     start = time.perf_counter()
-    for unfrozen in unfrozen_counts(params):
-        trial = replace(params, model=replace(params.model, unfrozen_blocks=unfrozen))
+    for backbone, context, unfrozen in product(backbones, contexts, unfrozen_counts(params)):
+        trial = replace(params, model=replace(params.model, backbone=backbone, context=context,
+                                              unfrozen_blocks=unfrozen))
         seed_everything(params.train.seed)  # the prefix weights every trial of the study starts from
         model = SpatialCellModel(trial.model, n_outputs=len(patch_set.targets))
         cache_for(model, patch_set, max_unfrozen(params), shared_path(params.train.cache_dir), default_device(),
                   needed_variants(params.train.flips, params.infer.tta), log=lambda _: None)
     return time.perf_counter() - start
+
+
+def trial_costs(db: Path) -> list[dict]:
+    """Number, unfrozen blocks, epochs run, state and seconds of each trial of the study in ``db``."""
+    import optuna
+
+    storage = f"sqlite:///{db}"
+    (name,) = optuna.study.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    return [{"number": t.number, "unfrozen": t.params.get("model.unfrozen_blocks", "-"),
+             "epochs": t.user_attrs.get("epochs_run", "-"), "state": t.state.name.lower(),
+             "seconds": t.duration.total_seconds() if t.duration else float("nan")} for t in study.trials]
 
 
 def process_start_seconds() -> float:
@@ -106,6 +125,7 @@ def bench_study(trials: int, patches: Path, overrides: list[str], work: Path | N
             subprocess.run(_tune_command(work, mode, trials, patches, overrides), check=True,
                            stdout=subprocess.DEVNULL)
             out[f"{mode}_s"] = time.perf_counter() - start
+            out[f"{mode}_trials"] = trial_costs(work / mode / "study.db")
         out["trial_s"], out["parts"] = profile_cached_trial(cached, patch_set)
     out["trials"] = trials
     return out
@@ -123,6 +143,13 @@ def print_study(r: dict) -> None:
         seconds = r[f"{mode}_s"]
         table.add_row(mode, f"{seconds:.1f}", f"{seconds / r['trials']:.1f}", f"{r['uncached_s'] / seconds:.1f}x")
     console.print(table)
+    per_trial = Table(title="per trial (same seed: the same recipes in both studies)")
+    for column in ("trial", "unfrozen blocks", "epochs run (uncached / cached)", "uncached s", "cached s", "speed-up"):
+        per_trial.add_column(column, justify="right")
+    for u, c in zip(r["uncached_trials"], r["cached_trials"]):
+        per_trial.add_row(str(u["number"]), str(u["unfrozen"]), f"{u['epochs']} / {c['epochs']}", f"{u['seconds']:.1f}",
+                          f"{c['seconds']:.1f}", f"{u['seconds'] / c['seconds']:.1f}x")
+    console.print(per_trial)
     console.print(f"cache build (once per data, backbone and seed; not in the figures above): {r['cache_build_s']:.1f} s; "
                   f"process start (imports): {r['process_start_s']:.1f} s")
     parts = Table(title=f"one cached trial, profiled: {r['trial_s']:.1f} s")

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from src import features
 from src.data import DIHEDRAL, build_transform, dihedral, load_patch_set
 from src.errors import InputError
-from src.features import build_or_load, cache_for, model_cut, needed_variants
+from src.features import build_or_load, cache_for, cached_batch, model_cut, needed_variants
 from src.inference import predict
 from src.metrics import competition_score
 from src.model import SpatialCellModel
@@ -168,6 +168,21 @@ def test_a_model_training_fewer_blocks_reads_a_deeper_cache_derived_from_the_sha
     again, _ = cache_for(_model(backbone=backbone, unfrozen_blocks=unfrozen, input_size=size), small, 2,
                          tmp_path / "derived", torch.device("cpu"), variants=("identity", "rot90"), log=messages.append)
     assert again is cache and len(messages) == 2  # reused in this process, not rebuilt
+
+
+@pytest.mark.parametrize("backbone", ["convnext_atto", "resnet10t"])
+def test_cached_batches_keep_the_memory_layout_the_backbone_produced(train_set, tmp_path, backbone):
+    """Stored NCHW, read back as the cut produced it (NHWC for ConvNeXt on a CPU): the blocks after the
+    cut then run the same kernels as in the uncached forward."""
+    small = replace(train_set, images=np.ascontiguousarray(train_set.images[:8]), spots=train_set.spots.iloc[:8])
+    model = _model(backbone=backbone, unfrozen_blocks=1)
+    cache, split = cache_for(model, small, 1, tmp_path, torch.device("cpu"), variants=("identity",), log=lambda _: None)
+    images = build_transform(model.preprocessing, small.patch_size, train=None)(
+        torch.from_numpy(np.array(small.images)).permute(0, 3, 1, 2))
+    produced = split.prefix(images)
+    read = cached_batch(cache, np.zeros(8, np.int64), np.arange(8), torch.device("cpu"))
+    assert read.stride() == produced.stride()
+    torch.testing.assert_close(read, produced)
 
 
 def test_a_frozen_backbone_trains_its_head_on_the_cached_last_block(train_set, tmp_path):
