@@ -132,7 +132,7 @@ class PrefixSplit:
 
     def features(self, cached: torch.Tensor, input_size: int) -> torch.Tensor:
         """Pooled backbone features from cached activations (runs only the blocks after the cut)."""
-        dummy = cached.new_zeros((cached.shape[0], 3, input_size, input_size))
+        dummy = cached.new_zeros(()).expand(cached.shape[0], 3, input_size, input_size)  # never read
         with self.substitute(cached):
             return self.model.forward_features(dummy)
 
