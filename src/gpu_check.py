@@ -83,7 +83,7 @@ def run_check(work: Path, trials: int, size: int, patch: int, overrides: list[st
     from src.data import load_patch_set
 
     n_train = len(load_patch_set(work / "patches", "train").spots)
-    _stage(rows, "feature cache build (8 dihedral variants)",
+    _stage(rows, "feature cache build (8 dihedral variants; a cut per unfrozen count)",
            lambda: bench_scale.main(["cache", "--patches", str(work / "patches"), *p]), images=8 * n_train)
     _stage(rows, f"study, {trials} cached trials", lambda: tune.main(tune_args("gpu-check", trials)))
     cached = _trial_images(work, "gpu-check")
