@@ -90,8 +90,12 @@ def test_queued_experiments_keep_their_studies_and_share_one_feature_cache(exper
         assert name in [e["name"] for e in study.user_attrs["dvc_experiments"]], name
         assert any(t.user_attrs.get("dvc_experiment") == name for t in study.trials), name
     assert len(studies) >= 1 + len(DIRECT) + len(QUEUED)  # the baseline's and one per changed recipe
-    caches = list((path / "cache" / "features").glob("*/meta.json"))
-    assert len(caches) == 1, caches  # every run, queued ones included, read the same cache
+    # Every run, queued ones included, read the one cache folder: one cache per cut and context the
+    # trials used, each built once, all of the same data, backbone and variants.
+    keys = [json.loads(m.read_text())["key"] for m in (path / "cache" / "features").glob("*/meta.json")]
+    assert keys and len({(k["cut"], k["context"]) for k in keys}) == len(keys), keys
+    assert len({json.dumps({f: v for f, v in k.items() if f not in ("cut", "context", "weights")}, sort_keys=True)
+                for k in keys}) == 1, keys
     assert not list((path / ".dvc" / "tmp" / "exps").glob("*/studies/*.db"))  # nothing left in the copies
 
 
