@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 TORCHSORT := torchsort==0.1.10
 
-.PHONY: setup browser vega postgres repro test test-fast bench dashboard exps plots clean gpu-wheels gpu-check
+.PHONY: setup lint browser vega postgres repro test test-fast bench dashboard exps plots clean gpu-wheels gpu-check
 
 setup: $(VENV)/.project-installed
 
@@ -48,7 +48,7 @@ $(VENV)/.project-installed: pyproject.toml $(VENV)/.torchsort-installed
 
 # GPU check (README "GPU check"). `make gpu-wheels` here (pip reaches an index) keeps in .whl/ what a
 # CUDA machine with only PyTorch lacks, at this venv's versions, for its Python; `make gpu-check` there
-# installs them offline, builds torchsort with its nvcc and runs `python -m src.gpu_check`.
+# installs them offline, builds torchsort with its nvcc and runs `python -m src.bench.gpu_check`.
 GPU_WHEELS := .whl
 GPU_PYTHON ?= 3.12
 GPU_PACKAGES := optuna sqlalchemy alembic colorlog mako spams-bin
@@ -100,11 +100,17 @@ postgres:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
 	else echo "PostgreSQL server not found and not installable here: its tests will be skipped (fail under CI)"; fi
 
-test: setup browser vega postgres
-	$(BIN)/python -m pytest
+# Static checks first (seconds): import order and undefined names (ruff), the import contracts of
+# pyproject.toml (core <- data <- model <- engine <- report <- search <- entry points; import-linter).
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports --no-cache
 
-test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+test: lint browser vega postgres
+	$(BIN)/python -m pytest --durations=15
+
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow" --durations=10
 
 bench: setup
 	$(BIN)/python -m src.bench data

@@ -2,7 +2,7 @@
 # The GPU check (README "GPU check"), for a machine with a CUDA PyTorch (python3), nvcc and no package
 # index: installs the project's remaining dependencies from wheels downloaded beforehand by
 # `make gpu-wheels` (folder .whl/, ignored by git; torchsort is built here, against this torch, with
-# nvcc), checks torchsort's CUDA op, then runs `python -m src.gpu_check` (arguments pass through).
+# nvcc), checks torchsort's CUDA op, then runs `python -m src.bench.gpu_check` (arguments pass through).
 # Without a CUDA device it says so and exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,4 +28,4 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; pr
   "$WHEELS"/torchsort-*.tar.gz
 echo "gpu-check: dependencies installed in $(( $(date +%s) - start )) s"
 "$PY" -m src.devices
-exec "$PY" -m src.gpu_check "$@"
+exec "$PY" -m src.bench.gpu_check "$@"

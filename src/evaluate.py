@@ -16,41 +16,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.checkpoint import load_checkpoint
-from src.io_utils import write_csv, write_json
-from src.data import PatchSet, load_patch_set
-from src.errors import InputError, exit_on_input_error
-from src.inference import predict_abundance
-from src.metrics import competition_score, floor_score, per_type_spearman, skill
-from src.report import per_type_bars, spatial_map
-from src.slides import open_h5
-
-
-def read_truth(path: Path, spots: pd.DataFrame, targets: list[str], split: str = "Test"
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """(observed, noise-free expected) abundance of each row of ``spots`` from a truth file, which
-    must describe the same slides, spot counts and cell types as the data."""
-    if not path.is_file():
-        raise InputError(f"{path}: truth file not found (set data.truth to \"\" for data without one)")
-    observed = np.zeros((len(spots), len(targets)))
-    expected = np.zeros_like(observed)
-    with open_h5(path) as truth:
-        for slide in spots["slide"].unique():
-            key = f"{split}/{slide}"
-            if f"{key}/observed" not in truth or f"{key}/expected" not in truth:
-                raise InputError(f"{path}: no truth for slide {key} (is data.truth the truth of data.h5?)")
-            rows = (spots["slide"] == slide).to_numpy()
-            slide_observed, slide_expected = truth[f"{key}/observed"][()], truth[f"{key}/expected"][()]
-            if slide_observed.shape[0] != rows.sum() or slide_expected.shape[0] != rows.sum():
-                raise InputError(f"{path}: slide {key} has {slide_observed.shape[0]} spots in the truth file but "
-                                 f"{rows.sum()} in the data (is data.truth the truth of data.h5?)")
-            if slide_observed.ndim != 2 or slide_observed.shape[1] != len(targets):
-                n = slide_observed.shape[1] if slide_observed.ndim == 2 else 0
-                raise InputError(f"{path}: slide {key} has {n} cell types in the truth file but "
-                                 f"{len(targets)} in the data")
-            index = spots["spot"].to_numpy()[rows]
-            observed[rows], expected[rows] = slide_observed[index], slide_expected[index]
-    return observed, expected
+from src.core.config import load_params
+from src.core.errors import InputError, exit_on_input_error
+from src.core.files import write_csv, write_json
+from src.data.patch_set import PatchSet, load_patch_set
+from src.data.truth import read_truth
+from src.engine.inference import predict_abundance
+from src.engine.metrics import competition_score, floor_score, per_type_spearman, skill
+from src.model.checkpoint import load_checkpoint
+from src.report.plots import per_type_bars, spatial_map
 
 
 def read_cv_per_type(path: Path) -> pd.Series:
@@ -117,8 +91,6 @@ def evaluate(model_path: Path, patches: Path, truth_path: Path | None, cv_metric
 
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> None:
-    from src.config import load_params
-
     parser = argparse.ArgumentParser(prog="python -m src.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=Path("models/model.pt"))
     parser.add_argument("--patches", type=Path, default=Path("data/patches"))

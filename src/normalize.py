@@ -6,58 +6,11 @@ copied) and ``data/normalized/stain.json`` (the fitted reference; checkpoints ca
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import h5py
-
-from src.config import StainConfig, add_params_arguments, load_params
-from src.errors import InputError, exit_on_input_error
-from src.io_utils import atomic_path
-from src.slides import SlideRef, image_chunks, open_h5, read_image_uint8, slide_refs
-from src.stain import StainNormalizer
-from src.validate import validate_file
-
-SLIDES_FILE = "slides.h5"
-STAIN_FILE = "stain.json"
-
-
-def reference_slide(refs: list[SlideRef], name: str, path: Path) -> SlideRef:
-    """The slide to fit the target stain on: ``name``, or the first training slide if empty."""
-    if not name:
-        return next(r for r in refs if r.split == "Train")
-    for ref in refs:
-        if ref.name == name:
-            return ref
-    known = ", ".join(r.name for r in refs)
-    raise InputError(f"params: stain.reference = {name!r} is not a slide of {path} ({known})")
-
-
-def fit_normalizer(h5: h5py.File, ref: SlideRef, cfg: StainConfig) -> StainNormalizer:
-    normalizer = StainNormalizer(cfg.method, cfg.luminosity_standardize, cfg.fit_pixels, cfg.seed)
-    try:
-        return normalizer.fit(read_image_uint8(h5, ref))
-    except InputError as err:
-        raise InputError(f"{h5.filename}: {ref.image_key}: {err}") from None
-
-
-def normalize_file(src: Path, out_dir: Path, cfg: StainConfig, log=print) -> StainNormalizer:
-    """Normalize every slide of ``src`` into ``out_dir`` (written whole or not at all)."""
-    validate_file(src)
-    with open_h5(src) as h5, atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        refs = slide_refs(h5)
-        reference = reference_slide(refs, cfg.reference, src)
-        normalizer = fit_normalizer(h5, reference, cfg)
-        with h5py.File(tmp / SLIDES_FILE, "w") as out:
-            for ref in refs:
-                image = normalizer.transform(read_image_uint8(h5, ref))
-                out.create_dataset(ref.image_key, data=image, chunks=image_chunks(image.shape))
-                h5.copy(h5[ref.spots_key], out, name=ref.spots_key)
-                log(f"normalized {ref.split}/{ref.name} ({image.shape[0]} x {image.shape[1]})")
-        state = normalizer.to_dict() | {"reference_slide": reference.name, "source": str(src)}
-        (tmp / STAIN_FILE).write_text(json.dumps(state, indent=2))
-    return normalizer
+from src.core.config import add_params_arguments, load_params
+from src.core.errors import exit_on_input_error
+from src.data.normalization import normalize_file
 
 
 @exit_on_input_error

@@ -13,41 +13,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.checkpoint import load_checkpoint
-from src.io_utils import write_csv
-from src.data import PatchSet
-from src.errors import InputError, exit_on_input_error
-from src.inference import predict_abundance
-from src.patch_store import SlideCrops
-from src.slides import open_h5, read_image_uint8, read_spots, slide_refs
-from src.stain import StainNormalizer
-from src.validate import validate_file
-
-
-def test_patch_set(h5_path: Path, meta: dict, log=print) -> PatchSet:
-    """Normalize and crop every Test slide of ``h5_path`` as the checkpoint's training data was."""
-    validate_file(h5_path)
-    normalizer = StainNormalizer.from_dict(meta["stain"])
-    slides, tables, sizes = [], [], {}
-    with open_h5(h5_path) as h5:
-        refs = [r for r in slide_refs(h5) if r.split == "Test"]
-        if not refs:
-            raise InputError(f"{h5_path}: no Test slides under images/Test to predict")
-        for ref in refs:
-            image = normalizer.transform(read_image_uint8(h5, ref))
-            spots = read_spots(h5, ref)
-            slides.append((image, spots["x"].to_numpy(), spots["y"].to_numpy(), (0, 0)))
-            tables.append(pd.DataFrame({"slide": ref.name, "spot": np.arange(len(spots)),
-                                        "x": spots["x"], "y": spots["y"]}))
-            sizes[ref.name] = image.shape[:2]
-            log(f"normalized {len(spots)} spots of Test/{ref.name}")
-    return PatchSet(SlideCrops.from_slides(slides, meta["patch_size"]), pd.concat(tables, ignore_index=True),
-                    list(meta["targets"]), sizes, meta["patch_size"])
+from src.core.errors import exit_on_input_error
+from src.core.files import write_csv
+from src.data.patch_extraction import crop_test_slides
+from src.data.stain import StainNormalizer
+from src.engine.inference import predict_abundance
+from src.model.checkpoint import load_checkpoint
 
 
 def predict_file(model_path: Path, h5_path: Path, out: Path, log=print) -> pd.DataFrame:
     model, meta = load_checkpoint(model_path)
-    patch_set = test_patch_set(h5_path, meta, log)
+    patch_set = crop_test_slides(h5_path, StainNormalizer.from_dict(meta["stain"]), meta["patch_size"],
+                                 meta["targets"], log)
     pred = predict_abundance(model, meta, patch_set)
     table = patch_set.spots[["slide", "x", "y"]].copy()
     table.insert(0, "ID", np.arange(len(table)))

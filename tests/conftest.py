@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from src.config import SimulateConfig
-from src.synthetic import simulate, write_layout
+from src.core.config import SimulateConfig
+from src.data.simulation import simulate, write_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = SimulateConfig(seed=3, n_train=2, n_test=1, size=240, pitch=25.0, n_types=35, tissue_extent=[0.8, 1.1],
@@ -59,7 +59,7 @@ FAST = [  # shrink the project's recipe for tests: tiny backbone and input, one 
 
 
 def fast_params(*overrides: str):
-    from src.config import load_params
+    from src.core.config import load_params
 
     return load_params(ROOT / "params.yaml", [*FAST, *overrides])
 
@@ -67,9 +67,9 @@ def fast_params(*overrides: str):
 @pytest.fixture(scope="session")
 def tiny_patches(tiny_dataset, tmp_path_factory) -> Path:
     """Normalized 32 px patches of the tiny slides (stage outputs of normalize + patches)."""
-    from src.config import PatchesConfig, StainConfig
-    from src.normalize import SLIDES_FILE, normalize_file
-    from src.patches import extract_patches
+    from src.core.config import PatchesConfig, StainConfig
+    from src.data.normalization import SLIDES_FILE, normalize_file
+    from src.data.patch_extraction import extract_patches
 
     folder = tmp_path_factory.mktemp("stages")
     normalize_file(tiny_dataset[0], folder / "normalized", StainConfig("vahadane", "", True, 20_000, 0),
@@ -83,7 +83,7 @@ def study_named(storage, name: str):
     """The one study ``name`` in a storage (URL or opened), whatever its hash suffix."""
     import optuna
 
-    from src.storage import create_storage
+    from src.search.storage import create_storage
 
     storage = create_storage(storage, 60) if isinstance(storage, str) else storage
     names = [n for n in optuna.get_all_study_names(storage) if n.startswith(f"{name}-")]

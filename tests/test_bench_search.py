@@ -2,7 +2,7 @@
 points, the hand-set recipe and every complete trial scored on the test slide, the table printed."""
 import pytest
 
-from src.bench_search import bench_search
+from src.bench.search import bench_search
 from tests.conftest import FAST, ROOT
 
 TINY_DATA = ["simulate.size=240", "simulate.n_train=2", "simulate.n_test=1", "simulate.tissue_extent=[0.8, 1.1]",

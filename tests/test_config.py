@@ -1,8 +1,12 @@
+import re
+
+import numpy as np
 import pytest
+import torch
 import yaml
 
-from src.config import load_params, params_from_dict, read_raw
-from src.errors import InputError
+from src.core.config import load_params, params_from_dict, read_raw
+from src.core.errors import InputError
 from tests.conftest import ROOT
 
 
@@ -54,3 +58,106 @@ def test_missing_or_broken_params_file(tmp_path):
     bad.write_text("data: [unclosed")
     with pytest.raises(InputError, match="not valid YAML"):
         load_params(bad)
+
+
+# One bad value per checked field: each is refused when params are read, naming key and value.
+BAD_VALUES = [
+    ("stain.method=reinhard", "stain.method = 'reinhard': choose vahadane, macenko, none"),
+    ("patches.registration=manual", "patches.registration = 'manual': choose auto, none"),
+    ("model.fusion=sum", "model.fusion = 'sum': choose product, concat, film, gated, none"),
+    ("loss.target_transform=sqrt", "loss.target_transform = 'sqrt': choose log, log1p, rank, raw"),
+    ("train.final=best", "train.final = 'best': choose ensemble, retrain"),
+    ("cv.scheme=random", "cv.scheme = 'random': choose blocks, leave_one_slide_out"),
+    ("infer.tta=[identity, spin]", "infer.tta[1] = 'spin': choose identity, hflip, vflip"),
+    ("tune.pruner=asha", "tune.pruner = 'asha': choose wilcoxon, median, hyperband, none"),
+    ("infer.tta=[]", "infer.tta: list at least one of the transforms"),
+    ("loss.alpha=1.5", "loss.alpha = 1.5: must be <= 1"),
+    ("loss.regularization=0.0", "loss.regularization = 0.0: must be > 0"),
+    ("loss.log_epsilon=0.0", "loss.log_epsilon = 0.0: must be > 0"),
+    ("patches.size=4", "patches.size = 4: must be >= 8"),
+    ("patches.max_shift_px=-1", "patches.max_shift_px = -1: must be >= 0"),
+    ("patches.offsets.S_1=[3]", "patches.offsets.S_1 = [3]: expected [dx, dy]"),
+    ("train.epochs=0", "train.epochs = 0: must be >= 1"),
+    ("train.batch_size=1", "train.batch_size = 1: must be >= 2"),
+    ("train.lr_head=0.0", "train.lr_head = 0.0: must be > 0"),
+    ("cv.n_folds=1", "cv.n_folds = 1: must be >= 2"),
+    ("model.dropout=0.99", "model.dropout = 0.99: must be <= 0.95"),
+    ("tune.sigma_grid=[-1.0]", "tune.sigma_grid[0] = -1.0: must be >= 0"),
+    ("simulate.offsets=[]", "simulate.offsets lists 0 shifts for simulate.n_train = 4"),
+    ("train.color_jitter=0.2", "train.feature_cache fixes the backbone input"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES)
+def test_every_checked_field_refuses_a_bad_value_when_params_are_read(override, message):
+    with pytest.raises(InputError, match="^params: " + re.escape(message)):
+        load_params(ROOT / "params.yaml", [override])
+
+
+def test_sections_check_their_fields_however_they_are_made():
+    from src.core.config import LossConfig
+
+    with pytest.raises(InputError, match=re.escape("loss.alpha = -0.1: must be >= 0")):
+        LossConfig(-0.1, 0.1, "log", 1e-10)
+
+
+def test_the_names_a_field_accepts_are_the_names_its_module_acts_on():
+    """Each registry is keyed by the names its params.yaml field allows: nothing to choose that does nothing."""
+    import typing
+
+    from src.core import config
+    from src.data.stain import METHODS
+    from src.data.transforms import DIHEDRAL, dihedral
+    from src.model.fusion import FUSIONS
+    from src.model.targets import TARGET_TRANSFORMS, transform_targets
+    from src.search.pruning import PRUNERS
+
+    assert set(FUSIONS) == set(typing.get_args(config.FusionName))
+    assert set(METHODS) == set(typing.get_args(config.StainMethod))
+    assert set(PRUNERS) == set(typing.get_args(config.PrunerName))
+    assert set(TARGET_TRANSFORMS) == set(typing.get_args(config.TargetTransform))
+    image = torch.arange(16.0).reshape(1, 4, 4)
+    assert len({tuple(dihedral(image, name).flatten().tolist()) for name in DIHEDRAL}) == 8
+    for kind in TARGET_TRANSFORMS:
+        assert np.isfinite(transform_targets(np.array([[1e-9, 2.0, 0.5]]), kind, 1e-10)).all()
+
+
+@pytest.mark.parametrize("entry, args", [
+    ("src.tune", ["--trials", "2"]),
+    ("src.train", []),
+    ("src.normalize", ["--out", "{tmp}/normalized"]),
+    ("src.patches", ["--out", "{tmp}/patches"]),
+    ("src.simulate", ["--out", "{tmp}/s.h5", "--truth-out", "{tmp}/t.h5"]),
+])
+def test_a_bad_value_stops_each_stage_before_it_reads_or_writes_anything(entry, args, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(entry).main
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--params", str(ROOT / "params.yaml"), "--set", "infer.tta=[spin]", "--set", "stain.method=x"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: params: "), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_tune_command_refuses_a_bad_tta_within_seconds_and_writes_nothing(tmp_path):
+    """As a user runs it: one line, exit 2, no study, no outputs."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "src.tune", "--trials", "2", "--set", "infer.tta=[spin]",
+                          "--best-out", str(tmp_path / "best.yaml"), "--metrics", str(tmp_path / "tune.json"),
+                          "--storage", f"sqlite:///{tmp_path}/study.db"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == ["error: params: infer.tta[0] = 'spin': choose identity, hflip, vflip, "
+                                               "rot90, rot180, rot270, transpose, antitranspose"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+    print(f"refused in {seconds:.1f} s")

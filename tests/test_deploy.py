@@ -11,7 +11,7 @@ import yaml
 from optuna.trial import TrialState
 
 from src import tune
-from src.config import apply_overrides, read_raw
+from src.core.config import apply_overrides, read_raw
 from tests.conftest import FAST, ROOT, study_named
 
 DEPLOY = ROOT / "deploy"

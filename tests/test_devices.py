@@ -3,11 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from src import devices, tune
-from src.data import DownsamplingWarning, build_transform, load_patch_set
-from src.errors import InputError
-from src.model import Preprocessing
-from src.train import fit
+from src.core import devices
+from src.core.errors import InputError
+from src.data.patch_set import load_patch_set
+from src.data.transforms import DownsamplingWarning, Preprocessing, build_transform
+from src.engine.fit import fit
+from src.search import study as search_study
+from src.search.study import run_study
 from tests.conftest import fast_params
 from tests.test_tune import base_raw
 
@@ -31,10 +33,10 @@ def test_training_on_cuda_without_torchsorts_cuda_op_is_one_clear_error(train_se
 
 
 def test_a_study_on_such_a_gpu_fails_before_any_trial(train_set, cpu_only_torchsort, monkeypatch, tmp_path):
-    monkeypatch.setattr(tune, "default_device", lambda: CUDA)
+    monkeypatch.setattr(search_study, "default_device", lambda: CUDA)
     with pytest.raises(InputError, match="torchsort has no CUDA extension"):
-        tune.run_study(base_raw(), train_set, 2, "t", f"sqlite:///{tmp_path}/s.db", artifact_dir=tmp_path / "a",
-                       live=False)
+        run_study(base_raw(), train_set, 2, "t", f"sqlite:///{tmp_path}/s.db", artifact_dir=tmp_path / "a",
+                  live=False)
     assert not (tmp_path / "a").exists()
 
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from src import features
-from src.data import DIHEDRAL, build_transform, dihedral, load_patch_set
-from src.errors import InputError
-from src.features import build_or_load, cache_for, cached_batch, model_cut, needed_variants
-from src.inference import predict
-from src.metrics import competition_score
-from src.model import SpatialCellModel
-from src.prefix import PrefixSplit
-from src.train import fit
+from src.core.errors import InputError
+from src.data.patch_set import load_patch_set
+from src.data.transforms import DIHEDRAL, build_transform, dihedral
+from src.engine.fit import fit
+from src.engine.inference import predict
+from src.engine.metrics import competition_score
+from src.model import feature_cache
+from src.model.feature_cache import FeatureCaches, build_or_load, cached_batch, model_cut, needed_variants
+from src.model.network import SpatialCellModel
 from tests.conftest import fast_params
 
 EXACT_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 on a CPU: the cached activations are the computed ones
@@ -39,16 +39,15 @@ def test_cached_features_equal_the_uncached_forward_for_each_variant(train_set, 
     model = _model(backbone=backbone, unfrozen_blocks=unfrozen, input_size=0 if "vit" in backbone else 32)
     rows = np.arange(12)
     small = replace(train_set, images=np.ascontiguousarray(train_set.images[:12]), spots=train_set.spots.iloc[:12])
-    cache, split = build_or_load(model, small, len(model.blocks) - unfrozen, tmp_path, variants=variants,
-                                 log=lambda _: None)
+    cache = build_or_load(model, small, len(model.blocks) - unfrozen, tmp_path, variants=variants, log=lambda _: None)
+    rest = model.split_at(cache.cut).rest
     transform = build_transform(model.preprocessing, small.patch_size, train=None)
     images = transform(torch.from_numpy(np.array(small.images)).permute(0, 3, 1, 2))
-    size = model.preprocessing.input_size
     with torch.no_grad():
         for v, name in enumerate(variants):
             expected = model.forward_features(dihedral(images, name))
             cached = torch.from_numpy(np.array(cache.array[v, rows])).float()
-            got = split.features(cached, size)
+            got = rest(cached)
             np.testing.assert_allclose(got.numpy(), expected.numpy(), **EXACT_TOL)
 
 
@@ -57,33 +56,31 @@ def test_cached_and_uncached_predictions_give_the_same_score(train_set, tmp_path
     params = fast_params(f"train.cache_dir={tmp_path}", "train.feature_cache=true", "train.color_jitter=0.0")
     rows = np.arange(len(train_set.spots))
     result = fit(params, train_set, rows[::2], rows[1::2], show_progress=False)
-    assert result.cached is not None and np.isfinite(result.val_scores).all()
+    assert result.cache is not None and np.isfinite(result.val_scores).all()
     tta = ["identity", "hflip", "rot90"]
-    cached = predict(result.model, train_set, rows[1::2], tta, cached=result.cached)
+    cached = predict(result.model, train_set, rows[1::2], tta, cache=result.cache)
     plain = predict(result.model, train_set, rows[1::2], tta)
     np.testing.assert_allclose(cached, plain, rtol=1e-4, atol=1e-5)
     truth = train_set.abundance[rows[1::2]]
     assert round(competition_score(cached, truth), 6) == round(competition_score(plain, truth), 6)
-    assert result.cached[0].array.dtype == np.float32  # a CPU computes in fp32, so the cache stores fp32
+    assert result.cache.array.dtype == np.float32  # a CPU computes in fp32, so the cache stores fp32
 
 
 def test_cache_holds_only_the_variants_a_study_reads(train_set, tmp_path):
     params = fast_params(f"train.cache_dir={tmp_path}", "train.feature_cache=true", "train.flips=false",
                          "infer.tta=[identity, vflip]")
     result = fit(params, train_set, np.arange(len(train_set.spots)), show_progress=False)
-    assert result.cached[0].variants == ("identity", "vflip")
+    assert result.cache.variants == ("identity", "vflip")
     assert needed_variants(True, ["identity"]) == DIHEDRAL
 
 
-def test_cached_mode_refuses_input_augmentations(train_set, tmp_path):
-    params = fast_params(f"train.cache_dir={tmp_path}", "train.feature_cache=true", "train.color_jitter=0.2")
+def test_cached_mode_refuses_input_augmentations_when_params_are_read(tmp_path):
     with pytest.raises(InputError, match="train.feature_cache fixes the backbone input"):
-        fit(params, train_set, np.arange(20), show_progress=False)
+        fast_params(f"train.cache_dir={tmp_path}", "train.feature_cache=true", "train.color_jitter=0.2")
 
 
 def _folder(model, patch_set, cut, root, **kw):
-    cache, _ = build_or_load(model, patch_set, cut, root, variants=("identity", "hflip"), log=lambda _: None, **kw)
-    return cache.folder
+    return build_or_load(model, patch_set, cut, root, variants=("identity", "hflip"), log=lambda _: None, **kw).folder
 
 
 def test_cache_key_changes_with_every_part(train_set, tmp_path):
@@ -99,8 +96,7 @@ def test_cache_key_changes_with_every_part(train_set, tmp_path):
         "cut": _folder(_model(), small, 2, tmp_path),
         "patches": _folder(_model(), replace(small, images=small.images[::-1].copy()), 3, tmp_path),
     }
-    cache, _ = build_or_load(_model(), small, 3, tmp_path, variants=("identity",), log=lambda _: None)
-    changed["variants"] = cache.folder
+    changed["variants"] = build_or_load(_model(), small, 3, tmp_path, variants=("identity",), log=lambda _: None).folder
     assert all(folder != base for folder in changed.values()), changed
     assert len(set(changed.values())) == len(changed)
 
@@ -108,7 +104,7 @@ def test_cache_key_changes_with_every_part(train_set, tmp_path):
 @pytest.mark.parametrize("damage", ["flip bytes", "flip bytes, sampled checksum", "truncate", "drop meta"])
 def test_corrupt_or_partial_cache_is_detected_and_rebuilt(train_set, tmp_path, damage, monkeypatch):
     if "sampled" in damage:  # a file larger than the sample: the checksum reads evenly spaced blocks
-        monkeypatch.setattr(features, "CHECKSUM_SAMPLE", (4, 512))
+        monkeypatch.setattr(feature_cache, "CHECKSUM_SAMPLE", (4, 512))
     small = replace(train_set, images=np.ascontiguousarray(train_set.images[:8]), spots=train_set.spots.iloc[:8])
     model = _model()
     folder = _folder(model, small, 3, tmp_path)
@@ -125,7 +121,7 @@ def test_corrupt_or_partial_cache_is_detected_and_rebuilt(train_set, tmp_path, d
     else:
         (folder / "meta.json").unlink()
     messages = []
-    cache, _ = build_or_load(model, small, 3, tmp_path, variants=("identity", "hflip"), log=messages.append)
+    cache = build_or_load(model, small, 3, tmp_path, variants=("identity", "hflip"), log=messages.append)
     assert any("rebuilding" in m for m in messages)
     np.testing.assert_array_equal(np.asarray(cache.array), good)
 
@@ -133,13 +129,25 @@ def test_corrupt_or_partial_cache_is_detected_and_rebuilt(train_set, tmp_path, d
 def test_in_process_reuse_across_models_with_other_unfrozen_counts(train_set, tmp_path):
     small = replace(train_set, images=np.ascontiguousarray(train_set.images[:8]), spots=train_set.spots.iloc[:8])
     messages = []
-    a, _ = cache_for(_model(unfrozen_blocks=3), small, 3, tmp_path, torch.device("cpu"), log=messages.append)
+    caches = FeatureCaches(tmp_path, torch.device("cpu"), log=messages.append)
+    a = caches.for_model(_model(unfrozen_blocks=3), small, 3)
     model = _model(unfrozen_blocks=3)
-    b, split = cache_for(model, small, 3, tmp_path, torch.device("cpu"), log=messages.append)
-    assert a is b and isinstance(split, PrefixSplit) and len(messages) == 1
-    model.train()  # the adopted layout runs (stem activations included)
-    features = split.features(torch.from_numpy(np.array(b.array[0, :4])).float(), 32)
+    b = caches.for_model(model, small, 3)
+    assert a is b and len(messages) == 1
+    model.train()  # the second model's own rest runs on the first one's cache (stem activations included)
+    features = model.split_at(b.cut).rest(torch.from_numpy(np.array(b.array[0, :4])).float())
     assert torch.isfinite(model.forward_head(features, torch.rand(4, 2))).all()
+    other = FeatureCaches(tmp_path, torch.device("cpu"), log=messages.append).for_model(model, small, 3)
+    assert other is not a and len(messages) == 1  # another holder loads it from disk, nothing is rebuilt
+
+
+def test_feature_caches_hold_a_bounded_number_and_drop_the_oldest(train_set, tmp_path):
+    small = replace(train_set, images=np.ascontiguousarray(train_set.images[:8]), spots=train_set.spots.iloc[:8])
+    caches = FeatureCaches(tmp_path, torch.device("cpu"), capacity=2, log=lambda _: None)
+    held = [caches.for_model(_model(input_size=size, unfrozen_blocks=3), small, 3) for size in (32, 40, 48)]
+    assert caches.for_model(_model(input_size=48, unfrozen_blocks=3), small, 3) is held[2]
+    assert caches.for_model(_model(input_size=40, unfrozen_blocks=3), small, 3) is held[1]
+    assert caches.for_model(_model(input_size=32, unfrozen_blocks=3), small, 3) is not held[0]  # dropped, loaded again
 
 
 @pytest.mark.parametrize("backbone, unfrozen", [
@@ -151,22 +159,22 @@ def test_a_model_training_fewer_blocks_reads_a_deeper_cache_derived_from_the_sha
     size = 0 if "vit" in backbone else 32
     small = replace(train_set, images=np.ascontiguousarray(train_set.images[:12]), spots=train_set.spots.iloc[:12])
     messages = []
+    caches = FeatureCaches(tmp_path / "derived", torch.device("cpu"), log=messages.append)
     model = _model(backbone=backbone, unfrozen_blocks=unfrozen, input_size=size)
-    cache, split = cache_for(model, small, 2, tmp_path / "derived", torch.device("cpu"), variants=("identity", "rot90"),
-                             log=messages.append)
+    cache = caches.for_model(model, small, 2, variants=("identity", "rot90"))
     assert cache.cut == model_cut(model) == len(model.blocks) - unfrozen
     assert [m.split()[0] for m in messages] == ["built", "built"]  # the shared cut, then this model's
-    direct, _ = build_or_load(model, small, cache.cut, tmp_path / "direct", variants=("identity", "rot90"),
-                              log=lambda _: None)
+    direct = build_or_load(model, small, cache.cut, tmp_path / "direct", variants=("identity", "rot90"),
+                           log=lambda _: None)
     np.testing.assert_allclose(np.asarray(cache.array), np.asarray(direct.array), **EXACT_TOL)
     images = build_transform(model.preprocessing, small.patch_size, train=None)(
         torch.from_numpy(np.array(small.images)).permute(0, 3, 1, 2))
     with torch.no_grad():
         expected = model.forward_features(dihedral(images, "rot90"))
-        got = split.features(torch.from_numpy(np.array(cache.array[1])).float(), model.preprocessing.input_size)
+        got = model.split_at(cache.cut).rest(torch.from_numpy(np.array(cache.array[1])).float())
     np.testing.assert_allclose(got.numpy(), expected.numpy(), **EXACT_TOL)
-    again, _ = cache_for(_model(backbone=backbone, unfrozen_blocks=unfrozen, input_size=size), small, 2,
-                         tmp_path / "derived", torch.device("cpu"), variants=("identity", "rot90"), log=messages.append)
+    again = caches.for_model(_model(backbone=backbone, unfrozen_blocks=unfrozen, input_size=size), small, 2,
+                             variants=("identity", "rot90"))
     assert again is cache and len(messages) == 2  # reused in this process, not rebuilt
 
 
@@ -176,10 +184,11 @@ def test_cached_batches_keep_the_memory_layout_the_backbone_produced(train_set, 
     cut then run the same kernels as in the uncached forward."""
     small = replace(train_set, images=np.ascontiguousarray(train_set.images[:8]), spots=train_set.spots.iloc[:8])
     model = _model(backbone=backbone, unfrozen_blocks=1)
-    cache, split = cache_for(model, small, 1, tmp_path, torch.device("cpu"), variants=("identity",), log=lambda _: None)
+    cache = FeatureCaches(tmp_path, torch.device("cpu"), log=lambda _: None).for_model(model, small, 1, ("identity",))
     images = build_transform(model.preprocessing, small.patch_size, train=None)(
         torch.from_numpy(np.array(small.images)).permute(0, 3, 1, 2))
-    produced = split.prefix(images)
+    with torch.no_grad():
+        produced = model.split_at(cache.cut).prefix(images)
     read = cached_batch(cache, np.zeros(8, np.int64), np.arange(8), torch.device("cpu"))
     assert read.stride() == produced.stride()
     torch.testing.assert_close(read, produced)
@@ -191,10 +200,10 @@ def test_a_frozen_backbone_trains_its_head_on_the_cached_last_block(train_set, t
                          "train.feature_cache=true")
     rows = np.arange(len(train_set.spots))
     result = fit(params, train_set, rows[::2], rows[1::2], show_progress=False)
-    cache = result.cached[0]
+    cache = result.cache
     assert cache.cut == len(result.model.blocks) and cache.array.shape[2] == result.model.backbone.num_features
     tta = ["identity", "hflip"]
-    cached = predict(result.model, train_set, rows[1::2], tta, cached=result.cached)
+    cached = predict(result.model, train_set, rows[1::2], tta, cache=result.cache)
     plain = predict(result.model, train_set, rows[1::2], tta)
     truth = train_set.abundance[rows[1::2]]
     assert round(competition_score(cached, truth), 6) == round(competition_score(plain, truth), 6)
@@ -223,7 +232,7 @@ def _build_in_worker(patches_dir, root, barrier, results):
     model = _model()
     messages = []
     barrier.wait(timeout=120)
-    cache, _ = build_or_load(model, patch_set, 3, root, log=messages.append)
+    cache = build_or_load(model, patch_set, 3, root, log=messages.append)
     results.put((messages, str(cache.folder), np.asarray(cache.array).tobytes()))
 
 

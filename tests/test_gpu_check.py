@@ -16,7 +16,7 @@ def test_the_check_says_there_is_no_gpu_and_exits_1():
                          capture_output=True, text=True)
     assert run.returncode == 1
     assert run.stderr.strip().count("\n") == 0 and "sees no CUDA device on this machine" in run.stderr
-    direct = subprocess.run([sys.executable, "-m", "src.gpu_check"], cwd=ROOT, env=NO_GPU, capture_output=True,
+    direct = subprocess.run([sys.executable, "-m", "src.bench.gpu_check"], cwd=ROOT, env=NO_GPU, capture_output=True,
                             text=True)
     assert direct.returncode == 1 and "sees no CUDA device" in direct.stderr and "Traceback" not in direct.stderr
 
@@ -24,7 +24,7 @@ def test_the_check_says_there_is_no_gpu_and_exits_1():
 @pytest.mark.slow
 def test_every_step_of_the_check_runs_on_the_cpu_at_a_small_scale(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "src.gpu_check", "--allow-cpu", "--work", str(tmp_path), "--size", "300", "--patch", "32",
+        [sys.executable, "-m", "src.bench.gpu_check", "--allow-cpu", "--work", str(tmp_path), "--size", "300", "--patch", "32",
          "--trials", "2", "--set", "model.backbone=resnet10t", "--set", "model.unfrozen_blocks=1",
          "--set", "tune.space.model.unfrozen_blocks={low: 0, high: 1}", "--set", "simulate.tissue_extent=[0.8, 1.1]"],
         cwd=ROOT, env=NO_GPU, capture_output=True, text=True, timeout=900)

@@ -3,11 +3,12 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from src.config import LossConfig
-from src.errors import InputError
-from src.losses import AbundanceLoss, soft_spearman, target_ranks, to_abundance_scale, transform_targets
-from src.metrics import competition_score, floor_score, per_type_spearman, skill, spot_spearman
-from src.smoothing import smooth, smooth_slide
+from src.core.config import LossConfig
+from src.core.errors import InputError
+from src.engine.metrics import competition_score, floor_score, per_type_spearman, skill, spot_spearman
+from src.engine.smoothing import smooth, smooth_slide
+from src.model.losses import AbundanceLoss, soft_spearman
+from src.model.targets import target_ranks, to_abundance_scale, transform_targets
 
 RNG = np.random.default_rng(0)
 
@@ -48,8 +49,8 @@ def test_alpha_blends_the_two_terms():
     mse = float(torch.nn.functional.mse_loss(pred, targets))
     assert values[0] == pytest.approx(mse, rel=1e-5)
     assert values[1] == pytest.approx((values[0] + values[2]) / 2, rel=1e-5)
-    with pytest.raises(InputError, match="loss.alpha = 1.5"):
-        AbundanceLoss(LossConfig(1.5, 0.1, "log1p", 1e-10))
+    with pytest.raises(InputError, match="loss.alpha = 1.5: must be <= 1"):
+        LossConfig(1.5, 0.1, "log1p", 1e-10)  # a section checks its bounds however it is made
 
 
 def test_target_transforms_keep_the_within_spot_order_and_never_log_zero():
@@ -62,7 +63,7 @@ def test_target_transforms_keep_the_within_spot_order_and_never_log_zero():
         assert competition_score(to_abundance_scale(values, kind, 1e-10), abundance) == pytest.approx(1.0)
     np.testing.assert_allclose(to_abundance_scale(outputs["log"], "log", 1e-10), abundance, atol=1e-9)
     assert not np.allclose(outputs["log1p"], outputs["raw"])
-    with pytest.raises(InputError, match="loss.log_epsilon = 0"):
+    with pytest.raises(ValueError, match="log targets need epsilon > 0"):
         transform_targets(abundance, "log", 0.0)
 
 

@@ -4,8 +4,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from src.errors import InputError
-from src.model import FUSIONS, SpatialCellModel, backbone_blocks
+from src.core.errors import InputError
+from src.model.backbone import backbone_blocks
+from src.model.fusion import FUSIONS
+from src.model.network import SpatialCellModel
 from tests.conftest import fast_params
 
 MODEL = fast_params().model
@@ -92,8 +94,8 @@ def test_local_weights_file_is_loaded(tmp_path, suffix):
 
 
 def test_bad_model_settings_are_clear_errors(tmp_path):
-    with pytest.raises(InputError, match="model.fusion = 'sum'"):
-        _model(fusion="sum")
+    with pytest.raises(InputError, match="model.fusion = 'sum': choose product, concat, film, gated, none"):
+        fast_params("model.fusion=sum")
     with pytest.raises(InputError, match=r"model.unfrozen_blocks = 99: resnet10t has \d+ blocks"):
         _model(unfrozen_blocks=99)
     with pytest.raises(InputError, match="model.weights = .*: file not found"):

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from src.checkpoint import load_checkpoint, save_checkpoint
-from src.data import build_transform, load_patch_set
-from src.errors import InputError
-from src.inference import predict
-from src.model import Ensemble, SpatialCellModel
-from src.neighbours import neighbour_mean, spot_inputs
-from src.prefix import pool_positions
-from src.train import fit
+from src.core.errors import InputError
+from src.data.patch_set import load_patch_set
+from src.data.transforms import build_transform
+from src.engine.fit import fit
+from src.engine.inference import predict
+from src.model.backbone_split import pool_positions
+from src.model.checkpoint import load_checkpoint, save_checkpoint
+from src.model.neighbours import neighbour_mean, spot_inputs
+from src.model.network import Ensemble, SpatialCellModel
 from tests.conftest import fast_params
 
 CPU = torch.device("cpu")
@@ -91,9 +92,9 @@ def test_cached_training_uses_the_same_neighbourhood_and_predicts_alike(train_se
     params = fast_params("model.neighbour_radius=30", f"train.cache_dir={tmp_path}", "train.feature_cache=true")
     rows = np.arange(len(train_set.spots))
     result = fit(params, train_set, rows[::2], rows[1::2], show_progress=False)
-    assert result.cached is not None and np.isfinite(result.val_scores).all()
+    assert result.cache is not None and np.isfinite(result.val_scores).all()
     tta = ["identity", "hflip"]
-    np.testing.assert_allclose(predict(result.model, train_set, rows[1::2], tta, cached=result.cached),
+    np.testing.assert_allclose(predict(result.model, train_set, rows[1::2], tta, cache=result.cache),
                                predict(result.model, train_set, rows[1::2], tta), rtol=2e-2, atol=2e-2)
 
 

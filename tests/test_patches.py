@@ -4,13 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.config import PatchesConfig, StainConfig
-from src.errors import InputError
-from src.normalize import SLIDES_FILE, normalize_file
-from src.data import load_patch_set
-from src.patch_store import SlideCrops
-from src.patches import extract_patches
-from src.slides import SlideRef, open_h5, read_image_uint8
+from src.core.config import PatchesConfig, StainConfig
+from src.core.errors import InputError
+from src.data.normalization import SLIDES_FILE, normalize_file
+from src.data.patch_extraction import extract_patches
+from src.data.patch_set import load_patch_set
+from src.data.patch_store import SlideCrops
+from src.data.slides import SlideRef, open_h5, read_image_uint8
 
 
 def crop_patches(image, x, y, size, offset=(0, 0)):
@@ -106,7 +106,7 @@ def test_unknown_offset_slide_is_an_error_and_writes_nothing(normalized, tmp_pat
 
 
 def test_normalized_file_keeps_the_layout_and_the_reference(normalized, tiny_dataset):
-    from src.validate import validate_file
+    from src.data.validation import validate_file
 
     summaries = validate_file(normalized / SLIDES_FILE)
     assert {s.dtype for s in summaries} == {"uint8"}

@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from src.config import PatchesConfig, SimulateConfig
-from src.data import load_patch_set
-from src.patches import extract_patches
-from src.registration import estimate_offset
-from src.synthetic import simulate, write_layout
+from src.core.config import PatchesConfig, SimulateConfig
+from src.data.patch_extraction import extract_patches
+from src.data.patch_set import load_patch_set
+from src.data.registration import estimate_offset
+from src.data.simulation import simulate, write_layout
 
 HALF_PITCH = 12  # px: the bar for every estimate
 
@@ -55,8 +55,8 @@ def test_max_shift_zero_searches_nothing():
 @pytest.fixture(scope="module")
 def shifted_store(tmp_path_factory):
     """A normalized file whose S_1 is shifted by (-30, 20) and S_2 aligned (both large enough)."""
-    from src.config import StainConfig
-    from src.normalize import normalize_file
+    from src.core.config import StainConfig
+    from src.data.normalization import normalize_file
 
     folder = tmp_path_factory.mktemp("shifted")
     cfg = SimulateConfig(seed=3, n_train=2, n_test=1, size=400, pitch=25.0, n_types=35,

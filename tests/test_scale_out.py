@@ -15,10 +15,11 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from src import tune
-from src.config import apply_overrides, read_raw
-from src.space import run_value
-from src.storage import create_storage
-from src.data import load_patch_set
+from src.core.config import apply_overrides, read_raw
+from src.data.patch_set import load_patch_set
+from src.search.space import run_value
+from src.search.storage import create_storage
+from src.search.study import stored_study_name
 from tests.conftest import FAST, ROOT, study_named
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -139,13 +140,14 @@ def test_a_worker_killed_mid_trial_is_failed_retried_and_the_study_finishes(kind
 def test_journal_trials_of_dead_local_workers_are_reaped_others_failed_by_hand(tmp_path, capsys, tiny_patches):
     """JournalStorage has no heartbeat: a worker fails the RUNNING trials of dead processes on its own
     host; a trial held by another host stays RUNNING until `--fail-trial N`."""
-    from src.storage import reap_dead_local_workers, worker_identity
+    from src.search.storage import reap_dead_local_workers, worker_identity
 
     storage = f"journal:{tmp_path}/study.journal"
     raw = apply_overrides(read_raw(ROOT / "params.yaml"), list(FAST))
     patch_set = load_patch_set(tiny_patches / "patches", "train")
-    study = optuna.create_study(study_name=tune.stored_study_name("j", raw, patch_set),
-                                storage=create_storage(storage, 1), direction="maximize")
+    study_storage = create_storage(storage, 1)
+    study = optuna.create_study(study_name=stored_study_name("j", raw, patch_set),
+                                storage=study_storage, direction="maximize")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     me = worker_identity()
     attrs = {"local dead": {**me, "pid": int(dead.stdout)}, "local alive": me, "other host": {**me, "host": "gpu-node-7"},
@@ -155,7 +157,7 @@ def test_journal_trials_of_dead_local_workers_are_reaped_others_failed_by_hand(t
         trial = study.ask({"loss.alpha": optuna.distributions.FloatDistribution(0, 1)})
         trial.set_user_attr("worker", {"trial": trial.number, **worker})
         trials[name] = trial.number
-    assert reap_dead_local_workers(study, log=lambda _: None) == [trials["local dead"]]
+    assert reap_dead_local_workers(study, study_storage, log=lambda _: None) == [trials["local dead"]]
     states = {name: study.trials[n].state for name, n in trials.items()}
     assert states == {"local dead": TrialState.FAIL, "local alive": TrialState.RUNNING,
                       "other host": TrialState.RUNNING, "retry of a dead one, just started": TrialState.RUNNING}
@@ -259,7 +261,7 @@ def test_workers_opening_an_empty_postgresql_database_at_once_all_get_the_storag
 
 def test_relative_storage_artifacts_and_cache_lie_under_the_repository_root_in_dvc_copies(monkeypatch, tmp_path):
     """DVC runs queued experiments in temporary copies and sets DVC_ROOT to the repository itself."""
-    from src.locations import shared_path, shared_storage_url
+    from src.core.locations import shared_path, shared_storage_url
 
     copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmp123"
     copy.mkdir(parents=True)

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from src.config import CVConfig
-from src.errors import InputError
-from src.splits import SPOT_RADIUS, balanced_blocks, make_folds
+from src.core.config import CVConfig
+from src.core.errors import InputError
+from src.data.spatial import SPOT_RADIUS, balanced_blocks
+from src.engine.folds import make_folds
 
 
 def _lattice(n_side=30, pitch=25.0):

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from src.config import load_params
-from src.data_statistics import abundance_statistics
-from src.data_statistics import floor as data_floor
-from src.errors import InputError
-from src.metrics import competition_score
-from src.registration import feature_maps, sample, tissue_cover, tissue_fraction
-from src.synthetic import simulate, write_layout
-from src.validate import validate_file
+from src.core.config import load_params
+from src.core.errors import InputError
+from src.data.registration import feature_maps, sample, tissue_cover, tissue_fraction
+from src.data.simulation import simulate, write_layout
+from src.data.validation import validate_file
+from src.engine.metrics import competition_score
+from src.report.data_statistics import abundance_statistics
+from src.report.data_statistics import floor as data_floor
 from tests.conftest import ROOT, TINY, read_layout
 
 

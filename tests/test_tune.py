@@ -1,4 +1,5 @@
 """The Optuna study: space parsing, suggest, enqueue, pruning, failures, resume, dashboard."""
+import re
 import signal
 import subprocess
 import sys
@@ -11,12 +12,14 @@ import pytest
 import yaml
 from optuna.trial import FixedTrial, TrialState
 
-from src import tune
-from src.config import apply_overrides, read_raw
-from src.data import load_patch_set
-from src.errors import InputError
-from src.space import defaults, parse_space, suggest
-from src.train import cross_validate
+from src.core.config import apply_overrides, read_raw
+from src.core.errors import InputError
+from src.data.patch_set import load_patch_set
+from src.engine.cross_validation import cross_validate
+from src.search import objective
+from src.search.objective import InterruptFlag
+from src.search.space import defaults, parse_space, suggest
+from src.search.study import enqueue_defaults, run_study, stored_study_name
 from tests.conftest import FAST, ROOT
 
 
@@ -38,8 +41,12 @@ def train_set(tiny_patches):
     ("loss.alpha", {"low": 0, "high": 1, "scale": 2}, "a range needs low and high"),
     ("train.lr_head", {"low": 0, "high": 1, "log": True}, "log ranges need low > 0"),
     ("model.unfrozen_blocks", {"low": 0.5, "high": 3}, "integer field"),
-    ("model.fusion", {"low": 0, "high": 1}, "a str field needs {choices"),
-    ("model.fusion", {"choices": [1, 2]}, "choice 1 is not a valid str"),
+    ("model.fusion", {"low": 0, "high": 1}, "a name field needs {choices"),
+    ("model.fusion", {"choices": [1, 2]}, "choice 1 is not a valid name"),
+    ("model.fusion", {"choices": ["product", "sum"]},
+     "choice 'sum' is not a valid value (model.fusion = 'sum': choose product, concat, film, gated, none)"),
+    ("loss.alpha", {"low": 0, "high": 1.5}, "range end 1.5 is not a valid value (loss.alpha = 1.5: must be <= 1)"),
+    ("model.backbone", {"choices": [3]}, "choice 3 is not a valid str"),
     ("model.fusion", {"choices": []}, "non-empty list"),
     ("infer.tta", {"choices": ["identity"]}, "not a valid"),
     ("infer.smoothing_sigma", {"low": 0, "high": 60}, "cannot be searched: every trial scores its out-of-fold"),
@@ -49,7 +56,7 @@ def train_set(tiny_patches):
 ])
 def test_space_errors_name_the_key(key, spec, message):
     section, field = key.split(".")
-    with pytest.raises(InputError, match=message.replace("*", r"\*").replace("{", r"\{")):
+    with pytest.raises(InputError, match=re.escape(message)):
         parse_space({section: {field: spec}})
     with pytest.raises(InputError, match="tune.space.loss: expected field: spec entries"):
         parse_space({"loss": 0.5})
@@ -118,7 +125,7 @@ def test_every_searched_param_changes_what_is_trained_or_scored(train_set):
 
 
 def _study(tmp_path, raw, n_trials, train_set, **kwargs):
-    return tune.run_study(raw, train_set, n_trials, "t", f"sqlite:///{tmp_path}/s.db",
+    return run_study(raw, train_set, n_trials, "t", f"sqlite:///{tmp_path}/s.db",
                           artifact_dir=tmp_path / "artifacts", live=False, **kwargs)
 
 
@@ -138,7 +145,7 @@ def test_hand_set_recipe_is_the_first_trial_and_artifacts_are_uploaded(tmp_path,
 
 def _fail_on_call(monkeypatch, n: int, error: BaseException) -> None:
     """The ``n``-th trial's training raises ``error``; the others train as usual."""
-    real, calls = tune.cross_validate, {"n": 0}
+    real, calls = objective.cross_validate, {"n": 0}
 
     def wrapped(*args, **kwargs):
         calls["n"] += 1
@@ -146,7 +153,7 @@ def _fail_on_call(monkeypatch, n: int, error: BaseException) -> None:
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tune, "cross_validate", wrapped)
+    monkeypatch.setattr(objective, "cross_validate", wrapped)
 
 
 def test_hand_set_trial_is_queued_by_the_creator_and_again_only_when_interrupted(tmp_path, train_set, monkeypatch):
@@ -170,15 +177,15 @@ def test_pruning_prunes_a_hopeless_trial_after_its_first_fold(tmp_path, train_se
     raw = base_raw("train.epochs=2", "tune.pruner_startup_trials=1", f"tune.pruner={pruner}",
                    "loss.target_transform=log1p")  # a first trial that learns on the tiny slides
     storage = f"sqlite:///{tmp_path}/s.db"
-    study = optuna.create_study(study_name=tune.stored_study_name("t", raw, train_set), storage=storage,
+    study = optuna.create_study(study_name=stored_study_name("t", raw, train_set), storage=storage,
                                 direction="maximize")
     space = parse_space(raw["tune"]["space"])
     hand_set = defaults(space, raw)
-    tune.enqueue_defaults(study, hand_set)
+    enqueue_defaults(study, hand_set)
     # Nothing learns: weights stay at their random start, far below the first trial's running score.
     study.enqueue_trial({**hand_set, "train.lr_head": 1e-4, "train.lr_backbone": 1e-5, "model.fusion": "gated",
                          "loss.target_transform": "rank", "loss.alpha": 0.0})
-    result = tune.run_study(raw, train_set, 2, "t", storage, artifact_dir=tmp_path / "a", live=False)
+    result = run_study(raw, train_set, 2, "t", storage, artifact_dir=tmp_path / "a", live=False)
     states = [t.state for t in result.trials]
     assert states == [TrialState.COMPLETE, TrialState.PRUNED], [(t.state, t.intermediate_values) for t in result.trials]
     assert result.trials[1].user_attrs["epochs_run"] == 2  # one fold of two, 2 epochs
@@ -196,7 +203,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, train_set, 
 
 def test_study_name_changes_with_what_a_trial_computes_and_only_that(train_set):
     def name(*overrides, patch_set=train_set):
-        return tune.stored_study_name("s", base_raw(*overrides), patch_set)
+        return stored_study_name("s", base_raw(*overrides), patch_set)
 
     a = name()
     run_only = ("tune.trials=40", "tune.timeout_s=5", "tune.storage=journal:x", "tune.heartbeat_s=5",
@@ -215,30 +222,36 @@ def test_study_name_changes_with_what_a_trial_computes_and_only_that(train_set):
 def test_code_digest_follows_the_code_a_trial_runs_not_its_comments(tmp_path):
     import shutil
 
-    from src.study_identity import code_digest, trial_modules
+    from src.search.identity import code_digest, trial_modules
 
     src = tmp_path / "src"
     shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
     base = code_digest(src)
-    assert {"src.train", "src.model", "src.losses", "src.features", "src.space", "src.metrics"} <= set(trial_modules(src))
-    assert not {"src.storage", "src.tune_display", "src.bench", "src.predict", "src.evaluate"} & set(trial_modules(src))
-    model = src / "model.py"
-    text = model.read_text()
-    model.write_text(text.replace('"""Element-wise product', '"""Product, element-wise', 1)
-                     .replace("import timm\n", "import timm  # a comment\n", 1))
+    run = set(trial_modules(src))
+    assert {"src.engine.fit", "src.model.network", "src.model.losses", "src.model.feature_cache", "src.search.space",
+            "src.engine.metrics", "src.model.fusion", "src.data.patch_set"} <= run
+    not_run = {"src.search.storage", "src.search.display", "src.bench.search", "src.predict", "src.evaluate",
+               "src.data.normalization", "src.data.stain", "src.data.registration", "src.data.patch_extraction",
+               "src.data.validation", "src.data.simulation"}
+    assert not not_run & run  # the data stages reach a trial only through the patch store's content
+    fusion = src / "model" / "fusion.py"
+    text = fusion.read_text()
+    fusion.write_text(text.replace('"""Element-wise product', '"""Product, element-wise', 1)
+                      .replace("import torch\n", "import torch  # a comment\n", 1))
     assert code_digest(src) == base  # docstrings and comments: same study
-    model.write_text(text.replace("return image * coord", "return image * coord * 2.0", 1))
+    fusion.write_text(text.replace("return image * coord", "return image * coord * 2.0", 1))
     assert code_digest(src) != base  # behaviour: a new study
-    model.write_text(text)
-    (src / "bench.py").write_text("X = 1\n")  # not run by a trial
+    fusion.write_text(text)
+    (src / "data" / "registration.py").write_text("X = 1\n")  # not run by a trial
     assert code_digest(src) == base
 
 
 def test_dvc_tune_stage_depends_on_every_module_a_trial_runs():
-    from src.study_identity import trial_modules
+    from src.search.identity import trial_modules
 
     deps = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tune"]["deps"])
-    missing = {f"src/{m.split('.', 1)[1]}.py" for m in trial_modules()} - deps
+    files = {"src/" + m.split(".", 1)[1].replace(".", "/") + ".py" for m in trial_modules()}
+    missing = {f for f in files if f not in deps and not any(f.startswith(d + "/") for d in deps)}
     assert not missing, missing
 
 
@@ -259,7 +272,7 @@ def test_new_data_starts_a_new_study_that_runs_trials_and_says_why(tmp_path, tra
 
 
 def test_best_params_rebuild_the_best_config(tmp_path):
-    from src.recipe import params_for_best
+    from src.search.recipe import params_for_best
 
     raw = base_raw()
     best = tmp_path / "best.yaml"
@@ -276,12 +289,12 @@ def test_best_params_rebuild_the_best_config(tmp_path):
 
 
 def test_ctrl_c_raises_inside_a_trial_and_waits_for_the_boundary_elsewhere():
-    flag = tune.InterruptFlag()
+    flag = InterruptFlag()
     flag._handle(signal.SIGINT, None)  # Optuna recording a result: must not be cut short
     assert flag.requested
     with pytest.raises(KeyboardInterrupt):  # the next boundary (callback, epoch, trial start) raises
         flag.check()
-    flag = tune.InterruptFlag()
+    flag = InterruptFlag()
     with pytest.raises(KeyboardInterrupt):
         with flag.raising():  # inside the objective: at once
             flag._handle(signal.SIGINT, None)
@@ -336,19 +349,19 @@ def test_sigint_mid_trial_then_rerun_ends_with_exactly_the_target(tiny_patches, 
 
 
 def test_a_replayed_pruner_stops_the_trial_it_would_have_stopped(tmp_path, train_set):
-    from src.config import params_from_dict
-    from src.pruning import replay
+    from src.core.config import params_from_dict
+    from src.search.pruning import replay
 
     raw = base_raw("train.epochs=2", "tune.pruner_startup_trials=1", "tune.pruner=none",
                    "loss.target_transform=log1p")
     storage = f"sqlite:///{tmp_path}/s.db"
-    study = optuna.create_study(study_name=tune.stored_study_name("t", raw, train_set), storage=storage,
+    study = optuna.create_study(study_name=stored_study_name("t", raw, train_set), storage=storage,
                                 direction="maximize")
     hand_set = defaults(parse_space(raw["tune"]["space"]), raw)
-    tune.enqueue_defaults(study, hand_set)
+    enqueue_defaults(study, hand_set)
     study.enqueue_trial({**hand_set, "train.lr_head": 1e-4, "train.lr_backbone": 1e-5, "model.fusion": "gated",
                          "loss.target_transform": "rank", "loss.alpha": 0.0})
-    result = tune.run_study(raw, train_set, 2, "t", storage, artifact_dir=tmp_path / "a", live=False)
+    result = run_study(raw, train_set, 2, "t", storage, artifact_dir=tmp_path / "a", live=False)
     assert [t.state for t in result.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]  # no pruner ran
     assert all(len(t.user_attrs["fold_blocks"]) == 2 for t in result.trials)
     params = params_from_dict(raw)
@@ -363,7 +376,7 @@ def test_a_new_study_warm_starts_from_the_best_recipes_of_earlier_ones(tmp_path,
     # A changed recipe (hand-set dropout) is a new study: it queues the earlier study's recipes, best first.
     changed = base_raw("tune.pruner=none", "tune.warm_start=2", "model.dropout=0.2")
     lines = []
-    second = tune.run_study(changed, train_set, 3, "t", f"sqlite:///{tmp_path}/s.db",
+    second = run_study(changed, train_set, 3, "t", f"sqlite:///{tmp_path}/s.db",
                             artifact_dir=tmp_path / "artifacts", live=False, log=lines.append)
     assert second.study_name != first.study_name
     ranked = sorted(first.trials, key=lambda t: t.value, reverse=True)
@@ -385,10 +398,10 @@ def test_a_new_study_warm_starts_from_the_best_recipes_of_earlier_ones(tmp_path,
 
 
 def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_set, tiny_patches):
-    from src.checkpoint import load_checkpoint
-    from src.recipe import params_for_best
-    from src.study_outputs import StageOutputs, write_outputs
-    from src.train import train_final
+    from src.engine.final_model import final_model
+    from src.model.checkpoint import load_checkpoint, save_checkpoint
+    from src.search.outputs import StageOutputs, write_outputs
+    from src.search.recipe import params_for_best
 
     raw = base_raw("tune.pruner=none", "tune.sigma_grid=[0.0, 25.0, 50.0]")
     study = _study(tmp_path, raw, 2, train_set)
@@ -399,8 +412,9 @@ def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_s
     params = params_for_best(out.best_params, raw)
     assert params.infer.smoothing_sigma == record["smoothing_sigma"]
     lines = []
-    epochs = train_final(params, tiny_patches / "patches", tiny_patches / "normalized" / "stain.json",
-                         tmp_path / "model.pt", log=lines.append)
+    model, epochs = final_model(params, train_set, log=lines.append)
+    save_checkpoint(tmp_path / "model.pt", model, targets=train_set.targets, loss=params.loss,
+                    patch_size=train_set.patch_size, infer=params.infer, stain={})
     assert len(epochs) == 2  # one model per fold (two training slides)
     assert f"CV spearman {study.best_value:.4f}" in lines[0]  # the very models the study scored
     model, meta = load_checkpoint(tmp_path / "model.pt")
@@ -408,7 +422,7 @@ def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_s
 
 
 def test_fold_reports_number_every_validation_block_once():
-    from src.pruning import reports
+    from src.search.pruning import reports
 
     seen: list[float] = []
     six_slides = [0.5, 0.6, 0.4, 0.7, 0.55, 0.65]  # cv.scheme blocks on 6 slides: a block per slide and fold
@@ -420,7 +434,7 @@ def test_fold_reports_number_every_validation_block_once():
 
 
 def test_only_versions_of_a_study_name_count_as_earlier_studies():
-    from src.study_identity import is_version_of
+    from src.search.identity import is_version_of
 
     assert is_version_of("default-1a2b3c4d", "default")
     assert not is_version_of("default-foo-1a2b3c4d", "default") and not is_version_of("defaultx-1a2b3c4d", "default")
@@ -432,7 +446,7 @@ def test_tuned_floats_survive_dvcs_lock_rewrites_exactly():
     modified after every tune. The values trials run with (and best_params.yaml holds) come back."""
     from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
 
-    from src.space import run_value
+    from src.search.space import run_value
 
     drawn = [float(v) for v in 10 ** np.random.default_rng(0).uniform(-10, 2, 2000)] + [2.559642090152666e-06]
 

@@ -9,7 +9,9 @@ import yaml
 from numpy.lib import recfunctions
 
 from src import normalize, validate
-from src.config import read_raw
+from src.core.config import read_raw
+from src.data.normalization import normalize_file
+from src.data.validation import validate_file
 from tests.conftest import ROOT, read_layout, write_datasets
 
 TRAIN_SPOTS = "spots/Train/S_1"
@@ -139,7 +141,7 @@ def test_uint8_images_are_accepted(tiny_dataset, tmp_path):
     datasets = read_layout(tiny_dataset[0])
     for key in [k for k in datasets if k.startswith("images/")]:
         datasets[key] = (datasets[key] * 255).round().astype(np.uint8)
-    summaries = validate.validate_file(write_datasets(tmp_path / "u8.h5", datasets))
+    summaries = validate_file(write_datasets(tmp_path / "u8.h5", datasets))
     assert {s.dtype for s in summaries} == {"uint8"}
 
 
@@ -155,8 +157,8 @@ def _float_coordinates(table, jitter):
 
 
 def test_float_coordinates_are_rounded_and_said_so_then_every_stage_runs(tiny_dataset, tmp_path, capsys):
-    from src.config import PatchesConfig, StainConfig
-    from src.patches import extract_patches
+    from src.core.config import PatchesConfig, StainConfig
+    from src.data.patch_extraction import extract_patches
 
     datasets = read_layout(tiny_dataset[0])
     exact = read_layout(tiny_dataset[0])
@@ -166,7 +168,7 @@ def test_float_coordinates_are_rounded_and_said_so_then_every_stage_runs(tiny_da
     validate.main([str(path)])
     out = capsys.readouterr().out
     assert "float spot coordinates on S_1, S_2, S_3 are rounded to whole pixels (largest change 0.30 px)" in out
-    normalize.normalize_file(path, tmp_path / "n", StainConfig("none", "", False, 1000, 0), log=lambda _: None)
+    normalize_file(path, tmp_path / "n", StainConfig("none", "", False, 1000, 0), log=lambda _: None)
     extract_patches(tmp_path / "n" / "slides.h5", tmp_path / "p", PatchesConfig(16, "none", 100, {}),
                     log=lambda _: None)
     spots = pd.read_csv(tmp_path / "p" / "train_spots.csv")

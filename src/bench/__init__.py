@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (``python -m src.bench ...``) and the GPU check."""

@@ -1,0 +1,85 @@
+"""Benchmarks that print figures: ``python -m src.bench stain``, ``trial``, ``study``, ``data``, ``search``
+and ``scale`` (each described in its module: ``src.bench.stain``, ``trial``, ``study``, ``data``,
+``search``, ``scale``).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    stain = sub.add_parser("stain", help="staintools vs our stain transform")
+    stain.add_argument("--size", type=int, default=2000, help="slide edge in px (default 2000)")
+    stain.add_argument("--repeats", type=int, default=3, help="timed runs per method (best kept)")
+    trial = sub.add_parser("trial", help="a trial cached vs uncached, and pruning vs not")
+    trial.add_argument("--patches", default="data/patches", help="patch store (default data/patches)")
+    trial.add_argument("--cache-dir", default="cache/bench", help="feature cache folder for the run")
+    trial.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override the recipe, e.g. model.unfrozen_blocks=1 (repeatable)")
+    trial.add_argument("--study-trials", type=int, default=12,
+                       help="trials per study for the pruning figure (0 skips it)")
+    trial.add_argument("--pruning-only", action="store_true", help="skip the cached/uncached trial figure")
+    data = sub.add_parser("data", help="statistics of simulated data (params.yaml) or of a file")
+    data.add_argument("--h5", default=None, help="a file in the competition layout (training slides)")
+    data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a simulate.* param, e.g. simulate.seed=3 (repeatable)")
+    search = sub.add_parser("search", help="hand-set vs tuned recipe on the test slide, per simulate.seed")
+    search.add_argument("--seeds", type=int, nargs="+", default=[12, 13, 14], help="simulate.seed values")
+    search.add_argument("--trials", type=int, default=None, help="trials per study (default: tune.trials)")
+    search.add_argument("--work", type=Path, default=Path("cache/bench-search"),
+                        help="work folder (data, studies and caches per seed; reused when rerun)")
+    search.add_argument("--replay", action="store_true",
+                        help="run the studies without pruning and replay every pruner over them")
+    search.add_argument("--params", type=Path, default=Path("params.yaml"))
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for every seed (repeatable)")
+    study = sub.add_parser("study", help="a whole study cached vs uncached, and a cached trial's profile")
+    study.add_argument("--trials", type=int, default=3, help="trials per study (default 3)")
+    study.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store (default data/patches)")
+    study.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override the recipe or space (repeatable)")
+    scale = sub.add_parser("scale", help="time, memory and disk of every stage at competition size")
+    scale.add_argument("--scales", nargs="+", default=["1000x64", "2000x64", "2000x224"],
+                       help="slide edge x patch edge in px, smallest first (default 1000x64 2000x64 2000x224)")
+    scale.add_argument("--work", type=Path, default=Path("cache/bench-scale"), help="work folder (one per scale)")
+    scale.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override params for every scale, e.g. train.epochs=1 (repeatable)")
+    args = parser.parse_args(argv)
+    if args.what == "scale":
+        from src.bench.scale import bench_scale, print_scale
+
+        scales = [tuple(int(v) for v in text.split("x")) for text in args.scales]
+        print_scale(bench_scale(scales, args.work, args.set))
+    elif args.what == "study":
+        from src.bench.study import bench_study, print_study
+
+        print_study(bench_study(args.trials, args.patches, args.set, args.work))
+    elif args.what == "search":
+        from src.bench.search import bench_search
+
+        bench_search(args.seeds, args.params, args.set, args.work, args.trials, args.replay)
+    elif args.what == "data":
+        from src.bench.data import bench_data, print_data
+
+        print_data(*bench_data(args.set, args.h5))
+    elif args.what == "stain":
+        from src.bench.stain import bench_stain, print_stain
+
+        print_stain(bench_stain(args.size, args.repeats), args.size)
+    else:
+        import shutil
+
+        from src.bench.trial import bench_pruning, bench_trial, print_trial
+
+        shutil.rmtree(args.cache_dir, ignore_errors=True)  # the first cached run builds it
+        results = None if args.pruning_only else bench_trial(args.set, args.patches, args.cache_dir)
+        pruning = bench_pruning(args.set, args.patches, args.cache_dir, args.study_trials) if args.study_trials else None
+        print_trial(results, pruning)
+
+
+if __name__ == "__main__":
+    main()

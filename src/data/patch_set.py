@@ -1,0 +1,119 @@
+"""A split of the patch store (or of a user's file) as arrays, and as a torch dataset."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from src.core.errors import InputError
+from src.data.patch_store import META_FILE, SlideCrops, crops_file, slide_file, spots_file
+
+
+@dataclass
+class PatchSet:
+    """Patches of one split with their spot table; ``images`` reads as N x P x P x 3 uint8 (crops of
+    memory-mapped slides, :class:`~src.data.patch_store.SlideCrops`, or any such array)."""
+
+    images: SlideCrops | np.ndarray
+    spots: pd.DataFrame  # slide, spot, x, y, then targets or Test_Set
+    targets: list[str]  # cell-type columns
+    slide_sizes: dict[str, tuple[int, int]]  # slide -> (height, width)
+    patch_size: int
+    _digests: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def images_digest(self) -> str:
+        """Content hash of the patch pixels (computed once per PatchSet: ~1 s per GB stored)."""
+        if "images" not in self._digests and isinstance(self.images, SlideCrops):
+            self._digests["images"] = self.images.digest()
+        if "images" not in self._digests:
+            h = hashlib.blake2b(digest_size=16)
+            for start in range(0, len(self.images), 512):
+                h.update(np.ascontiguousarray(self.images[start : start + 512]).tobytes())
+            h.update(str(self.images.shape).encode())
+            self._digests["images"] = h.hexdigest()
+        return self._digests["images"]
+
+    def digest(self) -> str:
+        """Content hash of everything a trial reads: pixels, spot table (labels included), cell types,
+        slide sizes and patch size. Equal digests, equal data."""
+        if "all" not in self._digests:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(self.images_digest().encode())
+            h.update(json.dumps([list(map(str, self.spots.columns)), self.targets,
+                                 sorted((k, list(v)) for k, v in self.slide_sizes.items()), self.patch_size]).encode())
+            h.update(pd.util.hash_pandas_object(self.spots, index=True).to_numpy().tobytes())
+            self._digests["all"] = h.hexdigest()
+        return self._digests["all"]
+
+    @property
+    def abundance(self) -> np.ndarray:
+        return self.spots[self.targets].to_numpy(np.float64)
+
+    @property
+    def slides(self) -> np.ndarray:
+        """Each spot's slide name (N)."""
+        return self.spots["slide"].to_numpy()
+
+    def coords(self) -> np.ndarray:
+        """Per-slide normalized spot coordinates (x / W, y / H) in [0, 1], N x 2 float32."""
+        heights = self.spots["slide"].map(lambda s: self.slide_sizes[s][0]).to_numpy(np.float64)
+        widths = self.spots["slide"].map(lambda s: self.slide_sizes[s][1]).to_numpy(np.float64)
+        return np.stack([self.spots["x"] / widths, self.spots["y"] / heights], axis=1).astype(np.float32)
+
+    def xy(self) -> np.ndarray:
+        return self.spots[["x", "y"]].to_numpy(np.float64)
+
+
+def load_patch_set(folder: str | Path, split: str = "train") -> PatchSet:
+    """One split of the patch store written by stage ``patches``."""
+    folder = Path(folder)
+    for path in (crops_file(folder, split), spots_file(folder, split), folder / META_FILE):
+        if not path.is_file():
+            raise InputError(f"{path}: not found (run `dvc repro patches` first)")
+    meta = json.loads((folder / META_FILE).read_text())
+    names = meta.get("crops", {}).get(split, [])
+    for name in names:
+        if not slide_file(folder, split, name).is_file():
+            raise InputError(f"{slide_file(folder, split, name)}: not found (run `dvc repro patches`)")
+    try:
+        images = SlideCrops.load(folder, split, names, int(meta["size"]))
+    except (ValueError, IndexError) as err:
+        raise InputError(f"{crops_file(folder, split)}: does not fit the slides of {folder} ({err})") from None
+    spots = pd.read_csv(spots_file(folder, split))
+    if len(images) != len(spots):
+        raise InputError(f"{crops_file(folder, split)}: {len(images)} patches but {len(spots)} rows in "
+                         f"{spots_file(folder, split)}")
+    sizes = {name: (s["height"], s["width"]) for name, s in meta["slides"].items()}
+    return PatchSet(images, spots, list(meta["targets"]), sizes, int(meta["size"]))
+
+
+class SpotDataset(Dataset):
+    """(image, spot inputs, targets, ranks) for the chosen rows of a :class:`PatchSet`; the spot inputs
+    are rows of ``spot_inputs`` (every spot's, ``src.model.neighbours.spot_inputs``), by default the
+    normalized coordinates."""
+
+    def __init__(self, patch_set: PatchSet, rows: np.ndarray, transform: v2.Compose,
+                 targets: np.ndarray | None = None, ranks: np.ndarray | None = None,
+                 spot_inputs: np.ndarray | None = None):
+        self.images = patch_set.images
+        self.rows = np.asarray(rows)
+        self.spot = torch.from_numpy((patch_set.coords() if spot_inputs is None else spot_inputs)[self.rows])
+        n_targets = len(patch_set.targets)
+        empty = np.zeros((len(self.rows), n_targets), np.float32)
+        self.targets = torch.from_numpy((targets if targets is not None else empty).astype(np.float32))
+        self.ranks = torch.from_numpy((ranks if ranks is not None else empty).astype(np.float32))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        image = torch.from_numpy(np.array(self.images[self.rows[i]])).permute(2, 0, 1)  # copy off the memmap
+        return self.transform(image), self.spot[i], self.targets[i], self.ranks[i]

@@ -1,0 +1,28 @@
+"""The model stage ``train`` delivers for a recipe: the CV's fold models as an ensemble, or one model
+retrained on every training spot (``train.final``)."""
+from __future__ import annotations
+
+import numpy as np
+
+from src.core.config import Params
+from src.data.patch_set import PatchSet
+from src.engine.cross_validation import cross_validate
+from src.engine.fit import fit
+from src.model.network import Ensemble, SpatialCellModel
+
+
+def final_model(params: Params, patch_set: PatchSet, log=print) -> tuple[SpatialCellModel | Ensemble, list[int]]:
+    """The delivered model and the epochs each of its members trained.
+
+    ``train.final: ensemble``: the recipe's CV is run again and its fold models, the very models the CV
+    scored, are averaged (the CV score is printed as a check). ``retrain``: one model on every training
+    spot, with the fold models' epoch count (its schedule is not validated by the CV)."""
+    if params.train.final == "ensemble":
+        result = cross_validate(params, patch_set, keep_models=True)
+        log(f"fold models: CV spearman {result.score:.4f} (sigma {result.sigma:g} px), "
+            f"floor {result.floor:.4f}")
+        model, epochs = Ensemble(result.models), result.epochs_run
+    else:  # retrain
+        fitted = fit(params, patch_set, np.arange(len(patch_set.spots)))
+        model, epochs = fitted.model, [fitted.epochs_run]
+    return model, epochs

@@ -1,0 +1,69 @@
+"""Neighbour aggregation: what a spot's model sees of the spots around it.
+
+Every spot is described by the frozen start of the backbone, pooled (``src.model.network.SpatialCellModel.spot_descriptors``);
+a spot's neighbourhood is the mean descriptor of the spots of its own slide within
+``model.neighbour_radius`` px of it (itself included). Descriptors come from images only, never from
+labels, so a validation or test spot's neighbourhood carries no label across a CV fold boundary, and
+at prediction the neighbours are the slide's own spots, as in training.
+
+``spot_inputs`` is what the model's head receives per spot: normalized coordinates, then (with a
+radius) the neighbourhood mean.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.neighbors import radius_neighbors_graph
+
+from src.core.devices import autocast
+from src.data.patch_set import PatchSet
+from src.data.transforms import build_transform
+from src.model.feature_cache import FeatureCaches
+from src.model.network import Ensemble, SpatialCellModel
+
+
+def neighbour_mean(values: np.ndarray, xy: np.ndarray, slides: np.ndarray, radius: float) -> np.ndarray:
+    """Mean of ``values`` (N x D) over each spot's same-slide spots within ``radius`` px, itself included."""
+    out = np.empty_like(values)
+    for name in pd.unique(slides):
+        rows = np.flatnonzero(slides == name)
+        graph = radius_neighbors_graph(xy[rows], radius, mode="connectivity", include_self=True)
+        out[rows] = (graph @ values[rows]) / np.asarray(graph.sum(axis=1))
+    return out
+
+
+def spot_descriptors(model: SpatialCellModel, patch_set: PatchSet, device: torch.device,
+                     batch_size: int = 256, reuse: FeatureCaches | None = None) -> np.ndarray:
+    """Every spot's descriptor (N x model.descriptor_width, float32); with ``reuse``, computed once for
+    the same patches, frozen weights and preprocessing (the folds and trials of a study share them)."""
+
+    def compute() -> np.ndarray:
+        transform = build_transform(model.preprocessing, patch_set.patch_size, train=None)
+        out = np.empty((len(patch_set.images), model.descriptor_width), np.float32)
+        model.to(device)
+        for start in range(0, len(out), batch_size):
+            raw = torch.from_numpy(np.array(patch_set.images[start : start + batch_size])).permute(0, 3, 1, 2)
+            with autocast(device):
+                out[start : start + len(raw)] = model.spot_descriptors(transform(raw).to(device)).float().cpu().numpy()
+        return out
+
+    if reuse is None:
+        return compute()
+    key = ("descriptors", patch_set.images_digest(), model.cfg.backbone, model.descriptor_cut, model.preprocessing,
+           model.descriptor_digest(), device.type)
+    return reuse.remember(key, compute)
+
+
+def spot_inputs(model: SpatialCellModel | Ensemble, patch_set: PatchSet, device: torch.device,
+                batch_size: int = 256, reuse: FeatureCaches | None = None) -> np.ndarray:
+    """The head's per-spot inputs for every spot of ``patch_set`` (N x 2, or N x (2 + descriptor
+    width) with neighbour aggregation), float32."""
+    coords = patch_set.coords()
+    radius = model.cfg.neighbour_radius
+    if radius <= 0:
+        return coords
+    member = model.members[0] if isinstance(model, Ensemble) else model
+    descriptors = spot_descriptors(member, patch_set, device, batch_size, reuse)
+    around = neighbour_mean(descriptors, patch_set.xy(), patch_set.spots["slide"].to_numpy(), radius)
+    return np.hstack([coords, around]).astype(np.float32)

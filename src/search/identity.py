@@ -1,0 +1,141 @@
+"""What a study's trials depend on, and so what its stored name stands for.
+
+A study is one recipe (every param a trial reads), one training data set (the patch store's content)
+and one version of the code a trial runs. The stored name is ``NAME-<hash of the three>``: a changed
+param, a replaced data file or edited trial code starts a fresh study instead of resuming one whose
+trials were measured on something else, and going back resumes the old one. Params that only say how
+a run goes (trial count, storage, workers, batch size of inference, compilation, cache folder) are
+left out, so workers with other settings of those share the study.
+
+The code digest covers the ``src`` modules the objective imports, directly or not, compared by syntax
+tree without docstrings: editing a comment or a docstring keeps the study, editing code starts a new
+one. The data stages' modules (normalization, registration, extraction) are not among them: they reach
+the trials only through the patch store's content, which the data digest covers.
+Library versions are recorded on the study (``versions``) but not part of its name.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+from importlib import metadata
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1]
+# Keys that do not change what a trial computes.
+RUN_ONLY = {
+    "tune": {"trials", "study", "storage", "timeout_s", "heartbeat_s"},
+    "train": {"cache_dir", "num_workers", "compile"},
+    "infer": {"batch_size"},
+}
+# Sections upstream of the patch store: the data digest covers their effect (data.truth has none).
+UPSTREAM = ("data", "simulate", "stain", "patches")
+TRIAL_ROOTS = ("src.search.objective",)  # what it imports (training, model, loss, ...) follows
+# Where a trial is stored and the pictures it uploads: they change no score.
+NOT_TRIAL_CODE = {"src.search.storage", "src.report.plots"}
+LIBRARIES = ("torch", "timm", "torchsort", "numpy", "optuna")
+
+
+def recipe_fingerprint(base_raw: dict) -> dict:
+    """Every param a trial reads: all but the upstream sections and the run-only keys."""
+    recipe = {section: ({k: v for k, v in values.items() if k not in RUN_ONLY.get(section, ())}
+                        if isinstance(values, dict) else values)
+              for section, values in base_raw.items() if section not in UPSTREAM}
+    return json.loads(json.dumps(recipe, sort_keys=True, default=str))
+
+
+def _module_path(module: str, root: Path) -> Path | None:
+    """The file of ``src.a.b``: ``a/b.py``, or ``a/b/__init__.py`` for a package (None: not in the tree)."""
+    parts = module.split(".")[1:]
+    for path in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _normalized(tree: ast.AST) -> str:
+    """The syntax tree without docstrings (comments and layout are not in it anyway)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def _imported(tree: ast.AST, root: Path) -> set[str]:
+    """``src.*`` modules imported anywhere in a module (also inside functions); ``from src.pkg import
+    name`` counts ``src.pkg.name`` when that is a module."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
+                (node.module == "src" or node.module.startswith("src.")):
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names
+                      if _module_path(f"{node.module}.{alias.name}", root) is not None}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("src.")}
+    return found
+
+
+def trial_modules(root: Path = SRC) -> dict[str, str]:
+    """Module name -> normalized syntax tree of every module a trial runs."""
+    todo, seen = list(TRIAL_ROOTS), {}
+    while todo:
+        module = todo.pop()
+        if module in seen or module in NOT_TRIAL_CODE:
+            continue
+        path = _module_path(module, root)
+        if path is None:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        seen[module] = _normalized(tree)
+        todo.extend(sorted(_imported(tree, root)))
+    return seen
+
+
+def code_digest(root: Path = SRC) -> str:
+    h = hashlib.sha1()
+    for module, tree in sorted(trial_modules(root).items()):
+        h.update(module.encode() + b"\0" + tree.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def study_identity(base_raw: dict, data_digest: str, code: str | None = None) -> dict:
+    """The three things a study's trials depend on."""
+    return {"recipe": recipe_fingerprint(base_raw), "data": data_digest, "code": code or code_digest()}
+
+
+def study_name_for(name: str, identity: dict) -> str:
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return f"{name}-{digest[:8]}"
+
+
+def is_version_of(stored_name: str, name: str) -> bool:
+    """``default-1a2b3c4d`` is a version of study ``default``; ``default-foo-1a2b3c4d`` is not."""
+    return re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{8}}", stored_name) is not None
+
+
+def earlier_versions(storage, name: str, current: str) -> list:
+    """The other stored versions of study ``name`` (frozen studies), newest first."""
+    others = [s for s in storage.get_all_studies()
+              if is_version_of(s.study_name, name) and s.study_name != current and "data" in s.user_attrs]
+    return sorted(others, key=lambda s: storage.get_study_id_from_name(s.study_name), reverse=True)
+
+
+def what_changed(old: dict, new: dict) -> list[str]:
+    """Which of recipe / data / code differ between two identities (for telling the user why)."""
+    labels = {"recipe": "the recipe (params)", "data": "the training data (patch store)",
+              "code": "the trial code (src/)"}
+    return [labels[k] for k in ("recipe", "data", "code") if old.get(k) != new.get(k)]

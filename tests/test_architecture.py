@@ -1,0 +1,61 @@
+"""The shape of the house: imports one way (import-linter's contracts in pyproject.toml), small
+modules, no forward reassigned, Optuna's public API only."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+LINT = Path(sys.executable).with_name("lint-imports")
+SOURCES = sorted((ROOT / "src").rglob("*.py"))
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT), str(root / "pyproject.toml"), "--no-cache"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_imports_keep_the_layers_and_optuna_stays_in_the_search():
+    run = _lint(ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "broken" not in run.stdout.lower().split("contracts:")[-1].replace("0 broken", "")
+
+
+@pytest.mark.parametrize("module, line, contract", [
+    ("src/data/slides.py", "from src.model import network  # noqa", "src.data is not allowed to import src.model"),
+    ("src/engine/metrics.py", "import optuna  # noqa", "src.engine.metrics -> optuna"),
+    ("src/model/targets.py", "from src.model import losses  # noqa", "No cycles are allowed in src.model"),
+])
+def test_the_contracts_catch_an_import_against_them(tmp_path, module, line, contract):
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    if "cycles" in contract:  # and losses imports targets back
+        (tmp_path / "src/model/losses.py").write_text((tmp_path / "src/model/losses.py").read_text()
+                                                      + "\nfrom src.model import targets  # noqa\n")
+    path = tmp_path / module
+    path.write_text(path.read_text() + "\n" + line + "\n")
+    run = _lint(tmp_path)
+    assert run.returncode != 0
+    assert "BROKEN" in run.stdout and contract in run.stdout, run.stdout[-2000:]
+
+
+def test_modules_stay_small():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in SOURCES}
+    assert max(sizes.values()) <= 400, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_no_module_reassigns_a_forward_or_reads_optuna_internals():
+    offending = []
+    for path in SOURCES:
+        text = path.read_text()
+        if re.search(r"\.forward\s*=(?!=)", text):
+            offending.append(f"{path.name}: forward assigned")
+        if re.search(r"\._(storage|trial_id|study_id)\b", text):
+            offending.append(f"{path.name}: private Optuna attribute")
+        if "matplotlib.use(" in text or "import matplotlib.pyplot" in text:
+            offending.append(f"{path.name}: global matplotlib state")
+    assert not offending, offending
