@@ -7,8 +7,11 @@ BIN := $(VENV)/bin
 # beside other torch builds); torchsort is compiled against the torch installed here.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 TORCHSORT := torchsort==0.1.10
+# Every install takes the exact versions of constraints.txt (`make lock` refreshes it), so a fresh clone
+# reproduces the committed dvc.lock outputs on this machine kind.
+CONSTRAINTS := -c constraints.txt
 
-.PHONY: setup lint browser vega postgres repro test test-fast bench dashboard exps plots clean gpu-wheels gpu-check
+.PHONY: setup lock lint browser vega postgres repro test test-fast bench dashboard exps plots clean gpu-wheels gpu-check
 
 setup: $(VENV)/.project-installed
 
@@ -17,34 +20,49 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
 
 $(VENV)/.torch-installed: | $(BIN)/python
-	$(BIN)/pip install $(TORCH_PAIR)
+	$(BIN)/pip install $(CONSTRAINTS) $(TORCH_PAIR)
 	touch $@
 
 # torchsort builds a CUDA extension whenever `nvcc` is on PATH (without it, a CPU-only one: set-up then
-# fails where torch sees a GPU, see src/devices.py); without a CUDA device (or where
+# fails where torch sees a GPU, see src/core/devices.py); without a CUDA device (or where
 # libcudart cannot be linked) that build fails, so nvcc is hidden and the CPU-only extension built.
 # TORCHSORT_CUDA=1 insists on the CUDA extension (an image or a login node with nvcc but no GPU:
 # the GPU architectures to compile for then come from TORCH_CUDA_ARCH_LIST).
 TORCHSORT_CUDA ?= auto
 TORCH_CUDA_ARCH_LIST ?= 8.0;8.6;8.9;9.0+PTX
-$(VENV)/.torchsort-installed: $(VENV)/.torch-installed
+$(VENV)/.torchsort-installed: $(VENV)/.torch-installed constraints.txt
 	@if [ "$(TORCHSORT_CUDA)" = 1 ]; then \
-	  TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" $(BIN)/pip install --no-build-isolation $(TORCHSORT); \
+	  TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" $(BIN)/pip install $(CONSTRAINTS) --no-build-isolation $(TORCHSORT); \
 	elif [ "$(TORCHSORT_CUDA)" = auto ] \
 	   && $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-	   && $(BIN)/pip install --no-build-isolation $(TORCHSORT); then :; \
+	   && $(BIN)/pip install $(CONSTRAINTS) --no-build-isolation $(TORCHSORT); then :; \
 	else \
 	  echo "torchsort: building the CPU-only extension"; \
 	  PATH="$$(echo "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/nvcc" ] || printf '%s:' "$$d"; done)" \
-	    $(BIN)/pip install --no-build-isolation $(TORCHSORT); \
+	    $(BIN)/pip install $(CONSTRAINTS) --no-build-isolation $(TORCHSORT); \
 	fi
 	$(BIN)/python -c "import torchsort"
-	$(BIN)/python -m src.devices  # where torch sees a GPU: soft_rank must run on it, else set-up fails
+	$(BIN)/python -m src.core.devices  # where torch sees a GPU: soft_rank must run on it, else set-up fails
 	touch $@
 
-$(VENV)/.project-installed: pyproject.toml $(VENV)/.torchsort-installed
-	$(BIN)/pip install -e '.[dev]'
+$(VENV)/.project-installed: pyproject.toml constraints.txt $(VENV)/.torchsort-installed
+	$(BIN)/pip install $(CONSTRAINTS) -e '.[dev]'
 	touch $@
+
+# Refresh constraints.txt: a clean venv gets the newest versions pyproject.toml's ranges allow (torch pair
+# and torchsort as set-up installs them), and their freeze becomes the new pin. Then `make repro` and
+# commit constraints.txt, dvc.lock and the metrics together.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip wheel setuptools
+	$(LOCK_VENV)/bin/pip install --quiet $(TORCH_PAIR)
+	PATH="$$(echo "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/nvcc" ] || printf '%s:' "$$d"; done)" \
+	  $(LOCK_VENV)/bin/pip install --quiet --no-build-isolation $(TORCHSORT)
+	$(LOCK_VENV)/bin/pip install --quiet -e '.[dev]'
+	{ sed -n '1,3p' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf $(LOCK_VENV)
+	@echo "constraints.txt refreshed: run make repro and commit it with dvc.lock"
 
 # GPU check (README "GPU check"). `make gpu-wheels` here (pip reaches an index) keeps in .whl/ what a
 # CUDA machine with only PyTorch lacks, at this venv's versions, for its Python; `make gpu-check` there

@@ -27,5 +27,5 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; pr
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" \
   "$WHEELS"/torchsort-*.tar.gz
 echo "gpu-check: dependencies installed in $(( $(date +%s) - start )) s"
-"$PY" -m src.devices
+"$PY" -m src.core.devices
 exec "$PY" -m src.bench.gpu_check "$@"

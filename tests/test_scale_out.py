@@ -33,6 +33,7 @@ def _worker_cmd(tiny_patches, tmp_path, storage, trials, *extra) -> list[str]:
     return [sys.executable, "-m", "src.tune", "--trials", str(trials), "--study", tmp_path.name, "--storage", storage,
             "--patches", str(tiny_patches / "patches"), "--params", str(ROOT / "params.yaml"),
             "--best-out", str(tmp_path / "best.yaml"), "--metrics", str(tmp_path / "tune.json"),
+            "--cv-per-type", str(tmp_path / "cv.csv"), "--history", str(tmp_path / "history.csv"),
             "--artifacts", str(tmp_path / "artifacts"),
             *[a for item in _sets(tmp_path, *extra) for a in ("--set", item)]]
 
@@ -217,6 +218,7 @@ def test_dashboard_reads_a_running_sqlite_study_without_breaking_it(tiny_patches
 def test_an_unusable_storage_is_a_one_line_error_and_writes_nothing(url, message, tiny_patches, tmp_path, capsys):
     args = ["--storage", url, "--params", str(ROOT / "params.yaml"), "--patches", str(tiny_patches / "patches"),
             "--best-out", str(tmp_path / "best.yaml"), "--metrics", str(tmp_path / "tune.json"),
+            "--cv-per-type", str(tmp_path / "cv.csv"), "--history", str(tmp_path / "history.csv"),
             "--artifacts", str(tmp_path / "artifacts"), *[a for item in FAST for a in ("--set", item)]]
     with pytest.raises(SystemExit) as exit_info:
         tune.main(args)

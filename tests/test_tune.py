@@ -305,7 +305,8 @@ def _tune_cmd(tiny_patches, tmp_path, trials):
     return [sys.executable, "-m", "src.tune", "--trials", str(trials), "--study", "cli",
             "--storage", f"sqlite:///{tmp_path}/cli.db", "--patches", str(tiny_patches / "patches"),
             "--params", str(ROOT / "params.yaml"), "--best-out", str(tmp_path / "best.yaml"),
-            "--metrics", str(tmp_path / "tune.json"), "--artifacts", str(tmp_path / "artifacts"),
+            "--metrics", str(tmp_path / "tune.json"),
+            "--cv-per-type", str(tmp_path / "cv.csv"), "--history", str(tmp_path / "history.csv"), "--artifacts", str(tmp_path / "artifacts"),
             *[a for item in [*FAST, "train.epochs=2", "tune.pruner=none"] for a in ("--set", item)]]
 
 

@@ -1,7 +1,7 @@
 """``python -m src.bench scale``: the cost of every stage at competition size, and how it grows.
 
 Each scale (slide edge x patch edge) runs the pipeline the way a user does, one stage command after
-the other (``python -m src.synthetic``, ``src.validate``, ``src.normalize``, ``src.patches``, the
+the other (``python -m src.simulate``, ``src.validate``, ``src.normalize``, ``src.patches``, the
 feature cache build, ``src.tune --trials 1`` (one cached trial: the hand-set recipe's CV, process
 start included), ``src.train`` (retrain) and ``src.evaluate``), with a params file written for the
 scale. Every stage is timed and its peak resident memory (the process and its children, sampled) and
@@ -89,7 +89,7 @@ def stage_commands(work: Path) -> list[tuple[str, list[str], list[Path]]]:
     h5, truth, norm, patches = work / "sim.h5", work / "truth.h5", work / "normalized", work / "patches"
     out = work / "out"
     return [
-        ("simulate", [py, "-m", "src.synthetic", "--out", str(h5), "--truth-out", str(truth), *params], [h5, truth]),
+        ("simulate", [py, "-m", "src.simulate", "--out", str(h5), "--truth-out", str(truth), *params], [h5, truth]),
         ("validate", [py, "-m", "src.validate", str(h5)], []),
         ("normalize", [py, "-m", "src.normalize", "--out", str(norm), *params], [norm]),
         ("patches", [py, "-m", "src.patches", "--normalized", str(norm / "slides.h5"), "--out", str(patches), *params],
