@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     stain = json.loads(args.stain.read_text())
     model, epochs = final_model(params, patch_set)
     save_checkpoint(args.out, model, targets=patch_set.targets, loss=params.loss, patch_size=patch_set.patch_size,
-                    infer=params.infer, stain=stain)
+                    infer=params.infer, stain=stain, data_digest=patch_set.digest())
     kind = f"ensemble of {len(epochs)} fold models" if params.train.final == "ensemble" else "retrained model"
     print(f"wrote {args.out}: {kind}, epochs {epochs}, smoothing sigma {params.infer.smoothing_sigma:g} px")
 

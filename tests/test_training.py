@@ -9,7 +9,7 @@ import torch
 from src import predict as predict_cli
 from src.core.errors import InputError
 from src.data.patch_set import load_patch_set
-from src.data.transforms import build_transform
+from src.data.transforms import Preprocessing, build_transform
 from src.engine.cross_validation import choose_sigma, cross_validate, cv_score
 from src.engine.fit import fit, seed_everything, warmup_cosine
 from src.engine.inference import predict, predict_abundance
@@ -136,6 +136,39 @@ def test_checkpoint_round_trip_predicts_the_same(train_set, fitted, tmp_path):
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a checkpoint of this project"):
         load_checkpoint(broken)
+
+
+def test_a_checkpoint_describes_itself_and_refuses_what_it_cannot_rebuild(train_set, fitted, tmp_path):
+    import dataclasses
+
+    import timm
+    import torch
+
+    from src.model.checkpoint import FORMAT, code_version
+
+    params, result = fitted
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, result.model, targets=train_set.targets, loss=params.loss, patch_size=train_set.patch_size,
+                    infer=params.infer, stain={"method": "none"}, data_digest=train_set.digest())
+    _, meta = load_checkpoint(path)
+    assert meta["format"] == FORMAT and meta["data_digest"] == train_set.digest()
+    prep = result.model.preprocessing
+    assert Preprocessing(**meta["preprocessing"]) == prep and dataclasses.asdict(prep)["input_size"] == 32
+    assert meta["versions"]["timm"] == timm.__version__ and torch.__version__.startswith(meta["versions"]["torch"])
+    assert meta["code_version"] == code_version() and len(code_version()) == 16
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "format": FORMAT + 1}, tmp_path / "newer.pt")
+    with pytest.raises(InputError, match=f"checkpoint format {FORMAT + 1} is newer than this code reads"):
+        load_checkpoint(tmp_path / "newer.pt")
+    torch.save({**payload, "preprocessing": {**payload["preprocessing"], "mean": [0.5, 0.5, 0.5]}},
+               tmp_path / "other_prep.pt")
+    with pytest.raises(InputError, match="the model was trained on preprocessing"):
+        load_checkpoint(tmp_path / "other_prep.pt")
+    del payload["format"], payload["preprocessing"]  # format 1 (before the provenance): still read
+    torch.save(payload, tmp_path / "format1.pt")
+    rows = _all(train_set)[:6]
+    np.testing.assert_array_equal(predict(load_checkpoint(tmp_path / "format1.pt")[0], train_set, rows, ["identity"]),
+                                  predict(result.model, train_set, rows, ["identity"]))
 
 
 def test_cross_validation_gives_oof_for_every_spot_and_sigma_needs_no_retraining(train_set):

@@ -15,14 +15,13 @@ Library versions are recorded on the study (``versions``) but not part of its na
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import re
-from importlib import metadata
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1]
+from src.core.provenance import SRC, imported_modules, modules_digest, versions
+
 # Keys that do not change what a trial computes.
 RUN_ONLY = {
     "tune": {"trials", "study", "storage", "timeout_s", "heartbeat_s"},
@@ -45,71 +44,17 @@ def recipe_fingerprint(base_raw: dict) -> dict:
     return json.loads(json.dumps(recipe, sort_keys=True, default=str))
 
 
-def _module_path(module: str, root: Path) -> Path | None:
-    """The file of ``src.a.b``: ``a/b.py``, or ``a/b/__init__.py`` for a package (None: not in the tree)."""
-    parts = module.split(".")[1:]
-    for path in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
-        if path.is_file():
-            return path
-    return None
-
-
-def _normalized(tree: ast.AST) -> str:
-    """The syntax tree without docstrings (comments and layout are not in it anyway)."""
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                node.body = node.body[1:] or [ast.Pass()]
-    return ast.dump(tree)
-
-
-def _imported(tree: ast.AST, root: Path) -> set[str]:
-    """``src.*`` modules imported anywhere in a module (also inside functions); ``from src.pkg import
-    name`` counts ``src.pkg.name`` when that is a module."""
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
-                (node.module == "src" or node.module.startswith("src.")):
-            found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names
-                      if _module_path(f"{node.module}.{alias.name}", root) is not None}
-        elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("src.")}
-    return found
-
-
 def trial_modules(root: Path = SRC) -> dict[str, str]:
     """Module name -> normalized syntax tree of every module a trial runs."""
-    todo, seen = list(TRIAL_ROOTS), {}
-    while todo:
-        module = todo.pop()
-        if module in seen or module in NOT_TRIAL_CODE:
-            continue
-        path = _module_path(module, root)
-        if path is None:
-            continue
-        tree = ast.parse(path.read_text(), filename=str(path))
-        seen[module] = _normalized(tree)
-        todo.extend(sorted(_imported(tree, root)))
-    return seen
+    return imported_modules(TRIAL_ROOTS, root, exclude=NOT_TRIAL_CODE)
 
 
 def code_digest(root: Path = SRC) -> str:
-    h = hashlib.sha1()
-    for module, tree in sorted(trial_modules(root).items()):
-        h.update(module.encode() + b"\0" + tree.encode() + b"\0")
-    return h.hexdigest()[:16]
+    return modules_digest(trial_modules(root))
 
 
 def library_versions() -> dict[str, str]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return versions(LIBRARIES)
 
 
 def study_identity(base_raw: dict, data_digest: str, code: str | None = None) -> dict:
