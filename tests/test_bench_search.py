@@ -1,5 +1,6 @@
 """``python -m src.bench search`` end to end on tiny simulated slides: data built by the stage entry
 points, the hand-set recipe and every complete trial scored on the test slide, the table printed."""
+import numpy as np
 import pytest
 
 from src.bench.search import bench_search
@@ -14,9 +15,9 @@ def test_search_bench_scores_hand_set_and_trials_on_the_test_slide(tmp_path, cap
     results = bench_search([3], ROOT / "params.yaml", [*TINY_DATA, *FAST, "train.epochs=2"], tmp_path, trials=3,
                            replay=True)
     (r,) = results
-    assert 0 < r.floor < 1 and 0 < r.hand_set < 1 and 0 < r.tuned < 1
+    assert r.hand_set > r.floor and r.tuned > r.floor  # both recipes beat the training mean profile on the test slide
     assert r.n_complete == 3 and r.n_pruned == 0  # --replay: unpruned, every trial scored on the test slide
-    assert -1 <= r.correlation <= 1
+    assert np.isfinite(r.correlation)  # three distinct trials ranked by CV and by the test slide
     assert {x.pruner for x in r.replay} == {"wilcoxon", "median", "hyperband"}
     out = capsys.readouterr().out
     assert "hand-set vs tuned recipe on the test slide (3 trials per study)" in out and "mean gain" in out

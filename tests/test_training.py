@@ -35,11 +35,15 @@ def _all(train_set):
     return np.arange(len(train_set.spots))
 
 
-def test_fit_reports_finite_loss_and_validation_score_per_epoch(fitted):
+def test_fit_reports_finite_loss_and_a_validation_score_above_the_floor(train_set, fitted):
+    from src.engine.metrics import floor_score
+
     params, result = fitted
+    rows = _all(train_set)
     assert result.epochs_run == params.train.epochs
     assert np.isfinite(result.train_loss).all() and len(result.val_scores) == params.train.epochs
-    assert -1 <= result.val_scores[0] <= 1
+    floor = floor_score(train_set.abundance[rows[::2]], train_set.abundance[rows[1::2]])
+    assert result.val_scores[-1] > floor + 0.03, (result.val_scores, floor)  # measured: 0.598 vs 0.529
 
 
 def test_training_is_reproducible_on_cpu(train_set, fitted):
@@ -101,11 +105,12 @@ def test_tta_of_a_flip_invariant_model_is_the_identity(train_set, fitted):
     model = result.model
     rows = _all(train_set)[:16]
     width = model.image_proj[0].in_features
-    model.forward_features = lambda images: images.mean(dim=(2, 3)).repeat(1, width // 3 + 1)[:, :width]
     all_eight = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"]
-    np.testing.assert_allclose(predict(model, train_set, rows, all_eight), predict(model, train_set, rows, ["identity"]),
-                               rtol=1e-5, atol=1e-6)
-    del model.forward_features
+    with pytest.MonkeyPatch.context() as patch:  # undone even when an assert fails: the fixture is shared
+        patch.setattr(model, "forward_features",
+                      lambda images: images.mean(dim=(2, 3)).repeat(1, width // 3 + 1)[:, :width], raising=False)
+        np.testing.assert_allclose(predict(model, train_set, rows, all_eight),
+                                   predict(model, train_set, rows, ["identity"]), rtol=1e-5, atol=1e-6)
     assert not np.allclose(predict(model, train_set, rows, all_eight), predict(model, train_set, rows, ["identity"]))
 
 
