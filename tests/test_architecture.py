@@ -59,3 +59,10 @@ def test_no_module_reassigns_a_forward_or_reads_optuna_internals():
         if "matplotlib.use(" in text or "import matplotlib.pyplot" in text:
             offending.append(f"{path.name}: global matplotlib state")
     assert not offending, offending
+
+
+def test_the_lock_holds_only_the_stages_dvc_yaml_defines():
+    import yaml
+    defined = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
+    assert locked <= defined, f"stale stages in dvc.lock: {sorted(locked - defined)}"
