@@ -52,9 +52,9 @@ def write_datasets(path: Path, datasets: dict[str, np.ndarray]) -> Path:
 FAST = [  # shrink the project's recipe for tests: tiny backbone and input, one epoch
     "model.backbone=resnet10t", "model.input_size=32", "model.unfrozen_blocks=1", "model.hidden=64",
     "model.coord_dim=16", "train.epochs=1", "train.batch_size=16", "infer.batch_size=64",
-    "infer.tta=[identity, hflip]", "cv.n_folds=2", "train.feature_cache=false", "model.context=0",
+    "infer.tta=[identity, hflip]", "cv.n_folds=2", "train.feature_cache=false", "model.context=1.0",
     # the space around that recipe: 32-px patches, one epoch
-    "tune.space.model.context={choices: [0, 16]}", "tune.space.train.epochs={low: 1, high: 2}",
+    "tune.space.model.context={choices: [1.0, 0.5]}", "tune.space.train.epochs={low: 1, high: 2}",
 ]
 
 

@@ -13,7 +13,7 @@ SMALL = {  # tiny slides, backbone and patches: a whole `dvc repro` in about a m
     "simulate": {"size": 240, "n_train": 2, "n_test": 1},
     "stain": {"fit_pixels": 20000},
     "patches": {"size": 32},
-    "model": {"backbone": "resnet10t", "input_size": 32, "context": 0, "unfrozen_blocks": 1, "hidden": 64},
+    "model": {"backbone": "resnet10t", "input_size": 32, "context": 1.0, "unfrozen_blocks": 1, "hidden": 64},
     "train": {"epochs": 1, "batch_size": 16},
     "cv": {"n_folds": 2},
     "infer": {"tta": ["identity", "hflip"]},
@@ -38,7 +38,7 @@ def make_repo(repo: Path, small: dict) -> tuple[Path, dict]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in small.items():
         params[section].update(values)
-    params["tune"]["space"]["model"]["context"] = {"choices": [0]}  # the small recipe: one crop, one cache
+    params["tune"]["space"]["model"]["context"] = {"choices": [1.0]}  # the small recipe: one crop, one cache
     params["tune"]["space"]["train"]["epochs"] = {"low": 1, "high": 2}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -82,6 +82,8 @@ BAD_VALUES = [
     ("train.lr_head=0.0", "train.lr_head = 0.0: must be > 0"),
     ("cv.n_folds=1", "cv.n_folds = 1: must be >= 2"),
     ("model.dropout=0.99", "model.dropout = 0.99: must be <= 0.95"),
+    ("model.context=0", "model.context = 0.0: must be >= 0.05"),
+    ("model.context=64", "model.context = 64.0: must be <= 1"),
     ("tune.sigma_grid=[-1.0]", "tune.sigma_grid[0] = -1.0: must be >= 0"),
     ("simulate.offsets=[]", "simulate.offsets lists 0 shifts for simulate.n_train = 4"),
     ("train.color_jitter=0.2", "train.feature_cache fixes the backbone input"),
@@ -161,3 +163,35 @@ def test_the_tune_command_refuses_a_bad_tta_within_seconds_and_writes_nothing(tm
                                                "rot90, rot180, rot270, transpose, antitranspose"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
     print(f"refused in {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.pretrained=true", "params: model.pretrained = true: the weights of resnet10t could not be fetched from "
+                              "the hub"),
+    ("model.weights={weights}", "the weights do not fit resnet10t: keys 2 missing (first: conv1.0.weight, "),
+])
+def test_weights_that_cannot_be_had_or_do_not_fit_stop_the_study_before_any_trial(override, message, tiny_patches,
+                                                                                    tmp_path):
+    """No hub (offline), or a state dict of another network: one line, exit 2, no study, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    import timm
+
+    weights = tmp_path / "other.pt"
+    state = timm.create_model("resnet10t", num_classes=0).state_dict()
+    state.pop("conv1.0.weight"), state.pop("conv1.1.weight")
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, weights)
+    from tests.conftest import FAST
+    sets = [a for o in FAST + [override.format(weights=weights)] for a in ("--set", o)]
+    run = subprocess.run([sys.executable, "-m", "src.tune", "--trials", "1", "--patches", str(tiny_patches / "patches"),
+                          "--best-out", str(tmp_path / "best.yaml"), "--metrics", str(tmp_path / "tune.json"),
+                          "--storage", f"sqlite:///{tmp_path}/study.db", *sets],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt"]

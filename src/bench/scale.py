@@ -23,8 +23,8 @@ from src.core.config import apply_overrides, read_raw
 
 COMPETITION = ["simulate.n_train=6", "simulate.n_test=1", "simulate.tissue_extent=[0.45, 0.75]"]
 # The recipe of the scale runs: a small backbone fed the whole patch at its own size, frozen prefix cached.
-RECIPE = ["model.backbone=convnext_atto", "model.context=0", "model.neighbour_radius=0",
-          "tune.space.model.context={choices: [0]}", "tune.warm_start=0", "train.feature_cache=true"]
+RECIPE = ["model.backbone=convnext_atto", "model.context=1.0", "model.neighbour_radius=0",
+          "tune.space.model.context={choices: [1.0]}", "tune.warm_start=0", "train.feature_cache=true"]
 
 
 @dataclass

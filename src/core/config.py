@@ -90,7 +90,7 @@ class ModelConfig(Section, key="model"):
     pretrained: bool  # timm hub weights (needs network); ignored when `weights` is set
     weights: str  # local .safetensors / .pt state dict for offline machines ("" = none)
     input_size: Annotated[int, AtLeast(0)]  # px fed to the backbone; 0 = the backbone's own data-config size
-    context: Annotated[int, AtLeast(0)]  # px of tissue around the spot the backbone sees (centre crop); 0 = whole patch
+    context: Annotated[float, Within(0.05, 1.0)]  # share of the patch edge the backbone sees (centre crop); 1 = all
     unfrozen_blocks: Annotated[int, AtLeast(0)]  # the last k blocks of the backbone train; 0 = frozen backbone
     fusion: FusionName  # how coordinates join image features
     coord_dim: Annotated[int, AtLeast(1)]  # width of the coordinate encoder

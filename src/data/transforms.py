@@ -10,7 +10,6 @@ import torch
 from torchvision.transforms import v2
 
 from src.core.config import Dihedral, TrainConfig
-from src.core.errors import InputError
 
 DIHEDRAL: tuple[str, ...] = typing.get_args(Dihedral)
 
@@ -40,20 +39,18 @@ class RandomDihedral(torch.nn.Module):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What the backbone sees: the centre ``context`` px of a patch (0 = all of it), resized to
-    ``input_size`` and normalized with the mean and std of its timm data config."""
+    """What the backbone sees: the centre ``context`` share of a patch's edge (1 = all of it), resized
+    to ``input_size`` and normalized with the mean and std of its timm data config. A share, so the
+    tissue a recipe looks at grows with ``patches.size`` (a 224-px patch at 0.33 crops 74 px)."""
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_size: int
-    context: int = 0
+    context: float = 1.0
 
     def crop(self, patch_size: int) -> int:
-        """Edge of the centre crop taken from a ``patch_size`` patch."""
-        if self.context > patch_size:
-            raise InputError(f"params: model.context = {self.context} px exceeds the patch store's "
-                             f"{patch_size} px patches (raise patches.size)")
-        return self.context or patch_size
+        """Edge of the centre crop taken from a ``patch_size`` patch, in px."""
+        return max(1, min(patch_size, round(self.context * patch_size)))
 
 
 DOWNSAMPLING_WARNED = 2  # a context shrunk this much or more is reported (once per process)

@@ -20,7 +20,7 @@ from src.core.files import atomic_path
 from src.core.provenance import imported_modules, modules_digest, versions
 from src.model.network import Ensemble, SpatialCellModel
 
-FORMAT = 2  # 1: before the preprocessing and provenance were recorded (still read)
+FORMAT = 3  # 1: before the preprocessing and provenance were recorded; 2: model.context in px (both still read)
 LIBRARIES = ("torch", "timm", "torchsort", "numpy")
 RUNS_A_CHECKPOINT = ("src.engine.inference", "src.model.checkpoint")  # and all they import
 
@@ -74,6 +74,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
                          f"update the project (it was written with {payload.get('versions', {})})")
     # Weights come from the checkpoint: no hub download, no local backbone file needed.
     fields = {"neighbour_radius": 0.0, **payload["model_config"]}  # checkpoints from before the field: none
+    px = fields.get("context", 0)
+    if written < 3 and isinstance(px, int):  # model.context was px (0 = the whole patch); now a share of the edge
+        fields["context"] = 1.0 if not px else px / payload["patch_size"]
+        if payload.get("preprocessing") is not None:
+            payload["preprocessing"] = dict(payload["preprocessing"], context=fields["context"])
     cfg = dataclasses.replace(ModelConfig(**fields), pretrained=False, weights="")
     members = []
     for state in payload.pop("state_dicts"):

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from src.core.config import Params, check_field, params_from_dict
 from src.core.config import field_type as annotation_of
 from src.core.errors import InputError
-from src.model.backbone import backbone_block_count
+from src.model.backbone import backbone_block_count, check_weights
 
 NOT_SEARCHABLE = {"data", "simulate", "stain", "patches", "tune"}  # data stages / the search itself
 RANGE_KEYS = {"low", "high", "log", "step"}
@@ -240,12 +240,10 @@ def defaults(space: list[SearchParam], base_raw: dict) -> dict[str, Any]:
 def check_space(space: list[SearchParam], base_raw: dict, patch_size: int) -> None:
     """Values no trial could honour are an error before the study starts: a context wider than the
     stored patches, more unfrozen blocks than a searched backbone has."""
-    for context in values_of(space, "model.context", base_raw):
-        if context > patch_size:
-            raise InputError(f"params: model.context = {context} (tune.space or params.yaml) exceeds the "
-                             f"patch store's {patch_size} px patches; raise patches.size")
     most = max(values_of(space, "model.unfrozen_blocks", base_raw))
+    model = params_from_dict(base_raw).model
     for backbone in values_of(space, "model.backbone", base_raw):
+        check_weights(dataclasses.replace(model, backbone=backbone))
         blocks = backbone_block_count(backbone)
         if most > blocks:
             raise InputError(f"params: model.unfrozen_blocks up to {most} (tune.space or params.yaml), but "
