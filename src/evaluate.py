@@ -1,11 +1,11 @@
 """Stage ``evaluate``: predict the Test slide(s) with the trained checkpoint (TTA + smoothing).
 
-Writes ``outputs/submission.csv`` (``ID,C1..C35``; ID = row of the test spot table),
+Writes ``outputs/submission.csv`` (``ID`` = row of the test spot table, then one column per cell type),
 ``metrics/evaluate.json`` (the study's CV score and floor), per-cell-type scores and two pictures
-(the prediction map of the first test slide and per-type bars). Real data has no truth file: the
-per-type figures are then the best trial's out-of-fold ones. With a truth file (simulated data) it
-also reports the test score, the floor (training mean profile), the ceiling (noise-free
-expectation) and skill = (score - floor) / (ceiling - floor), per type too.
+(the prediction map of the first test slide and per-type bars). Without a truth file (the competition's
+data) the per-type figures are the best trial's out-of-fold ones. With one it also reports the test
+score and the floor (training mean profile), per type too; a simulated truth file adds the ceiling
+(noise-free expectation) and skill = (score - floor) / (ceiling - floor).
 """
 from __future__ import annotations
 
@@ -51,7 +51,6 @@ def evaluate(model_path: Path, patches: Path, truth_path: Path | None, cv_metric
     Without one (real data), the metrics are the study's CV figures, and the per-type table and chart
     hold the best trial's out-of-fold scores."""
     model, meta = load_checkpoint(model_path)
-    train_set = load_patch_set(patches, "train")
     test_set: PatchSet = load_patch_set(patches, "test")
     if test_set.targets != meta["targets"]:
         raise InputError(f"{patches}: cell types differ from the checkpoint's {model_path}")
@@ -62,6 +61,7 @@ def evaluate(model_path: Path, patches: Path, truth_path: Path | None, cv_metric
     true = expected = None
     if truth_path is not None:  # read (and checked) before anything is written
         true, expected = read_truth(truth_path, test_set.spots, meta["targets"])
+        train_set = load_patch_set(patches, "train")  # for the floor
     pred = predict_abundance(model, meta, test_set)
 
     metrics = {"cv_spearman": cv_metrics.get("cv_spearman"),
@@ -72,9 +72,10 @@ def evaluate(model_path: Path, patches: Path, truth_path: Path | None, cv_metric
     if true is not None:
         score = competition_score(pred, true)
         floor = floor_score(train_set.abundance, true)
-        ceiling = competition_score(expected, true)
-        metrics.update(test_spearman=score, floor_spearman=floor, ceiling_spearman=ceiling,
-                       skill=skill(score, floor, ceiling))
+        metrics.update(test_spearman=score, floor_spearman=floor)
+        if expected is not None:  # simulated data: the noise ceiling and the skill between the two
+            ceiling = competition_score(expected, true)
+            metrics.update(ceiling_spearman=ceiling, skill=skill(score, floor, ceiling))
         per_type["test_spearman"] = np.round(per_type_spearman(pred, true), 6)
         series["test slide"] = per_type["test_spearman"].to_numpy()
 

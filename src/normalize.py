@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     add_params_arguments(parser, "stain.method=macenko")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
-    normalize_file(Path(params.data.h5), args.out, params.stain)
+    truth = Path(params.data.truth) if params.data.truth else None
+    normalize_file(Path(params.data.h5), args.out, params.stain, truth)
 
 
 if __name__ == "__main__":

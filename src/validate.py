@@ -41,7 +41,8 @@ def print_summary(path: Path, summaries: list[SlideSummary]) -> None:
         worst = max(s.coordinate_rounding for s in rounded)
         console.print(f"note: float spot coordinates on {', '.join(s.ref.name for s in rounded)} are rounded to "
                       f"whole pixels (largest change {worst:.2f} px)")
-    console.print(f"ok: {n_train} training spots, {n_test} test spots")
+    note = "" if n_train else " (no Train slides: a file to predict with a trained model, not to train on)"
+    console.print(f"ok: {n_train} training spots, {n_test} test spots{note}")
 
 
 @exit_on_input_error
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("path", type=Path, help="HDF5 file (images/{Train,Test}/S_k, spots/...)")
     args = parser.parse_args(argv)
-    print_summary(args.path, validate_file(args.path))
+    print_summary(args.path, validate_file(args.path, need_train=False))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -74,7 +75,6 @@ CASES = {
     "missing target column": (_set("spots/Train/S_2", lambda t: recfunctions.drop_fields(t, "C7", usemask=False)), "spots/Train/S_2: target columns differ from S_1 (field C7)"),
     "no target columns": (_set(TRAIN_SPOTS, lambda t: recfunctions.repack_fields(t[["x", "y"]])), "spots/Train/S_1: no target (cell-type) fields"),
     "zero spots": (_set(TRAIN_SPOTS, lambda t: t[:0]), "spots/Train/S_1: slide has zero spots"),
-    "no Train slides": (_drop("images/Train", "spots/Train"), "no Train slides under images/Train"),
 }
 
 
@@ -110,6 +110,19 @@ def test_bad_file_is_one_line_exit_2_and_writes_nothing(case, tiny_dataset, tmp_
     _assert_one_line_exit_2(capsys, lambda: normalize.main(["--out", str(out), "--params", str(params)]), expected)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5", "params.yaml"]
+
+
+def test_a_file_to_predict_validates_but_is_no_training_data(tiny_dataset, tmp_path, capsys):
+    path = _bad_file(tiny_dataset, tmp_path, _drop("images/Train", "spots/Train"))
+    validate.main([str(path)])
+    assert "no Train slides: a file to predict" in capsys.readouterr().out
+    raw = read_raw(ROOT / "params.yaml")
+    raw["data"]["h5"] = str(path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "normalized"
+    _assert_one_line_exit_2(capsys, lambda: normalize.main(["--out", str(out), "--params", str(tmp_path / "params.yaml")]),
+                            "no Train slides under images/Train")
+    assert not out.exists()
 
 
 def test_missing_file_and_not_hdf5(tmp_path, capsys):
@@ -192,3 +205,22 @@ def test_float_coordinates_that_collide_once_rounded_are_an_error(tiny_dataset, 
     write_datasets(err_path, datasets)
     _assert_one_line_exit_2(capsys, lambda: validate.main([str(err_path)]),
                             "spot 2 field 'x' = 239.6 outside the image (0..239)")
+
+
+@pytest.mark.parametrize("truth, expected", [
+    ("absent.h5", "absent.h5': file not found (set data.truth to \"\" for data without one"),
+    ("other", "no truth for slide Test/S_3 of"),
+])
+def test_a_truth_file_that_does_not_fit_the_data_stops_the_first_stage(tiny_dataset, tmp_path, capsys, truth,
+                                                                       expected):
+    """Forgetting `data.truth: ""` with a file of one's own fails at normalize, not after the study."""
+    if truth == "other":
+        with h5py.File(tmp_path / "other.h5", "w") as h5:
+            h5["Test/S_9/observed"] = np.zeros((3, 35))
+    raw = read_raw(ROOT / "params.yaml")
+    raw["data"] = {"h5": str(tiny_dataset[0]), "truth": str(tmp_path / (truth if truth.endswith(".h5") else "other.h5"))}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "normalized"
+    _assert_one_line_exit_2(capsys, lambda: normalize.main(["--out", str(out), "--params", str(tmp_path / "params.yaml")]),
+                            expected)
+    assert not out.exists()

@@ -51,7 +51,7 @@ def build_data(raw_params: Path, folder: Path, overrides: list[str]) -> None:
     sets = [arg for o in overrides for arg in ("--set", o)]
     simulate.main(["--params", str(raw_params), "--out", str(h5), "--truth-out", str(truth), *sets])
     normalize.main(["--params", str(raw_params), "--out", str(folder / "normalized"), *sets,
-                    "--set", f"data.h5={h5}"])
+                    "--set", f"data.h5={h5}", "--set", f"data.truth={truth}"])
     patches.main(["--params", str(raw_params), "--normalized", str(folder / "normalized" / "slides.h5"),
                   "--out", str(folder / "patches"), *sets])
 

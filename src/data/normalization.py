@@ -15,6 +15,7 @@ from src.core.errors import InputError
 from src.core.files import atomic_path
 from src.data.slides import SlideRef, image_chunks, open_h5, read_image_uint8, slide_refs
 from src.data.stain import StainNormalizer
+from src.data.truth import check_truth_file
 from src.data.validation import validate_file
 
 SLIDES_FILE = "slides.h5"
@@ -40,9 +41,13 @@ def fit_normalizer(h5: h5py.File, ref: SlideRef, cfg: StainConfig) -> StainNorma
         raise InputError(f"{h5.filename}: {ref.image_key}: {err}") from None
 
 
-def normalize_file(src: Path, out_dir: Path, cfg: StainConfig, log=print) -> StainNormalizer:
-    """Normalize every slide of ``src`` into ``out_dir`` (written whole or not at all)."""
+def normalize_file(src: Path, out_dir: Path, cfg: StainConfig, truth: Path | None = None,
+                   log=print) -> StainNormalizer:
+    """Normalize every slide of ``src`` into ``out_dir`` (written whole or not at all). A truth file
+    (``data.truth``) is checked against the data here, by the first stage that reads it."""
     validate_file(src)
+    if truth is not None:
+        check_truth_file(truth, src)
     with open_h5(src) as h5, atomic_path(out_dir) as tmp:
         tmp.mkdir()
         refs = slide_refs(h5)
@@ -53,6 +58,10 @@ def normalize_file(src: Path, out_dir: Path, cfg: StainConfig, log=print) -> Sta
                 image = normalizer.transform(read_image_uint8(h5, ref))
                 out.create_dataset(ref.image_key, data=image, chunks=image_chunks(image.shape))
                 h5.copy(h5[ref.spots_key], out, name=ref.spots_key)
+                for group in ("barcodes", "fullres"):  # imported slides: kept with their spots
+                    key = f"{group}/{ref.split}/{ref.name}"
+                    if key in h5:
+                        h5.copy(h5[key], out, name=key)
                 log(f"normalized {ref.split}/{ref.name} ({image.shape[0]} x {image.shape[1]})")
         state = normalizer.to_dict() | {"reference_slide": reference.name, "source": str(src)}
         (tmp / STAIN_FILE).write_text(json.dumps(state, indent=2))

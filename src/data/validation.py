@@ -31,8 +31,9 @@ class SlideSummary:
     coordinate_rounding: float  # largest |x - round(x)|, |y - round(y)| (float coordinates); 0 for integers
 
 
-def validate_file(path: str | Path) -> list[SlideSummary]:
-    """Validate the whole file; return one summary per slide (Train first)."""
+def validate_file(path: str | Path, need_train: bool = True) -> list[SlideSummary]:
+    """Validate the whole file; return one summary per slide (Train first). A file to predict
+    (``need_train=False``) may hold Test slides only."""
     path = Path(path)
     with open_h5(path) as h5:
         for group in ("images", "spots"):
@@ -40,10 +41,14 @@ def validate_file(path: str | Path) -> list[SlideSummary]:
                 raise InputError(f"{path}: group '{group}' missing (expected images/ and spots/)")
         _check_pairing(path, h5)
         refs = slide_refs(h5, "images")
-        if not any(r.split == "Train" for r in refs):
+        if need_train and not any(r.split == "Train" for r in refs):
             raise InputError(f"{path}: no Train slides under images/Train")
+        if not refs:
+            raise InputError(f"{path}: no slides under images/Train or images/Test")
         summaries = [_check_slide(path, h5, ref) for ref in refs]
     train_targets = {s.ref.name: s.targets for s in summaries if s.ref.split == "Train"}
+    if not train_targets:
+        return summaries
     first_name, first = next(iter(train_targets.items()))
     for name, targets in train_targets.items():
         if targets != first:
