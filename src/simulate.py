@@ -1,6 +1,10 @@
 """Stage ``simulate``: the embedded default data set (``src.data.simulation``) in the competition layout.
 
 ``python -m src.simulate --out data/simulated.h5 --truth-out data/simulated_truth.h5 [--set simulate.seed=13]``
+
+``--visium DIR`` also writes the slides as labs hold Visium data (``src.data.visium_export``): Space
+Ranger folders, full-resolution pyramidal TIFFs ``--fullres-scale`` times finer, ``.h5ad`` files,
+abundance CSVs and a manifest per route for ``python -m src.ingest``.
 """
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ import argparse
 from pathlib import Path
 
 from src.core.config import add_params_arguments, load_params
-from src.core.errors import exit_on_input_error
+from src.core.errors import InputError, exit_on_input_error
 from src.data.simulation import simulate, write_layout
+from src.data.visium_export import export_visium
 
 
 @exit_on_input_error
@@ -18,6 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data/simulated.h5"), help="HDF5 to write")
     parser.add_argument("--truth-out", type=Path, default=Path("data/simulated_truth.h5"),
                         help="truth file to write (observed and noise-free abundances)")
+    parser.add_argument("--visium", type=Path, default=None,
+                        help="also write the slides as Space Ranger folders, .h5ad files and abundance CSVs here")
+    parser.add_argument("--fullres-scale", type=int, default=4,
+                        help="full-resolution pixels per pixel of the layout in the --visium images (default 4)")
     add_params_arguments(parser, "simulate.size=600")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
@@ -25,6 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     write_layout(slides, names, args.out, args.truth_out, params.simulate.seed)
     n_spots = sum(len(s.x) for _, _, s in slides)
     print(f"wrote {args.out} ({len(slides)} slides, {n_spots} spots) and {args.truth_out}")
+    if args.visium is not None:
+        if args.fullres_scale < 1:
+            raise InputError(f"--fullres-scale {args.fullres_scale}: expected 1 or more")
+        manifests = export_visium(args.out, args.truth_out, args.visium, args.fullres_scale, params.simulate.seed)
+        print(f"wrote {args.visium}: manifests {manifests['spaceranger'].name} and {manifests['h5ad'].name}")
 
 
 if __name__ == "__main__":

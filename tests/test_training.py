@@ -16,7 +16,7 @@ from src.engine.inference import predict, predict_abundance
 from src.evaluate import evaluate
 from src.model.checkpoint import load_checkpoint, save_checkpoint
 from src.model.network import Ensemble, SpatialCellModel
-from tests.conftest import fast_params
+from tests.conftest import fast_params, read_layout, write_datasets
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +169,18 @@ def test_a_checkpoint_describes_itself_and_refuses_what_it_cannot_rebuild(train_
                tmp_path / "other_prep.pt")
     with pytest.raises(InputError, match="the model was trained on preprocessing"):
         load_checkpoint(tmp_path / "other_prep.pt")
+    rows = _all(train_set)[:6]
+    expected = predict(result.model, train_set, rows, ["identity"])
+    px = round(prep.context * train_set.patch_size)  # format 2: model.context in px, still read
+    torch.save({**payload, "format": 2, "model_config": {**payload["model_config"], "context": px},
+                "preprocessing": {**payload["preprocessing"], "context": px}}, tmp_path / "format2.pt")
+    older, _ = load_checkpoint(tmp_path / "format2.pt")
+    assert older.preprocessing.crop(train_set.patch_size) == prep.crop(train_set.patch_size)
+    np.testing.assert_array_equal(predict(older, train_set, rows, ["identity"]), expected)
     del payload["format"], payload["preprocessing"]  # format 1 (before the provenance): still read
     torch.save(payload, tmp_path / "format1.pt")
-    rows = _all(train_set)[:6]
     np.testing.assert_array_equal(predict(load_checkpoint(tmp_path / "format1.pt")[0], train_set, rows, ["identity"]),
-                                  predict(result.model, train_set, rows, ["identity"]))
+                                  expected)
 
 
 def test_cross_validation_gives_oof_for_every_spot_and_sigma_needs_no_retraining(train_set):
@@ -283,6 +290,22 @@ def test_predict_cli_matches_evaluate_on_the_raw_file(tiny_dataset, tiny_patches
     model, meta = load_checkpoint(checkpoint)
     expected = predict_abundance(model, meta, load_patch_set(tiny_patches / "patches", "test"))
     np.testing.assert_allclose(frame.iloc[:, 4:].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_cli_on_a_file_of_test_slides_only(tiny_dataset, checkpoint, tmp_path):
+    """The usual case: new slides, no training slides, any number of them; same predictions."""
+    full = tmp_path / "full.csv"
+    predict_cli.main(["--model", str(checkpoint), "--h5", str(tiny_dataset[0]), "--out", str(full)])
+    layout = {k: v for k, v in read_layout(tiny_dataset[0]).items() if "/Test/" in k}
+    layout |= {k.replace("S_3", "S_7"): v for k, v in layout.items()}  # a second new slide
+    new = write_datasets(tmp_path / "new.h5", layout)
+    out = tmp_path / "p.csv"
+    predict_cli.main(["--model", str(checkpoint), "--h5", str(new), "--out", str(out)])
+    frame, expected = pd.read_csv(out), pd.read_csv(full)
+    assert len(frame) == 2 * len(expected) and list(frame["slide"].unique()) == ["S_3", "S_7"]
+    for slide in ("S_3", "S_7"):
+        rows = frame[frame["slide"] == slide]
+        np.testing.assert_allclose(rows.iloc[:, 4:].to_numpy(), expected.iloc[:, 4:].to_numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_predict_cli_bad_input_is_one_line_and_writes_nothing(checkpoint, tmp_path, capsys):

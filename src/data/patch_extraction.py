@@ -17,7 +17,16 @@ from src.core.files import atomic_path
 from src.data.patch_set import PatchSet
 from src.data.patch_store import META_FILE, SlideCrops, crop_corners, crops_file, padded_slide, slide_file, spots_file
 from src.data.registration import MIN_SPOTS, Registration, estimate_offset, tissue_cover, tissue_fraction
-from src.data.slides import SlideRef, open_h5, read_image_uint8, read_spots, slide_refs, target_names
+from src.data.slides import (
+    SlideRef,
+    open_h5,
+    read_barcodes,
+    read_fullres,
+    read_image_uint8,
+    read_spots,
+    slide_refs,
+    target_names,
+)
 from src.data.stain import StainNormalizer
 from src.data.validation import validate_file
 
@@ -115,7 +124,7 @@ def _registration_record(reg: Registration, off_tissue: np.ndarray, off_before: 
 def crop_test_slides(h5_path: Path, normalizer: StainNormalizer, patch_size: int, targets: list[str],
                      log=print) -> PatchSet:
     """Every Test slide of a user's file, stain-normalized and cropped as the training data was, in memory."""
-    validate_file(h5_path)
+    validate_file(h5_path, need_train=False)
     slides, tables, sizes = [], [], {}
     with open_h5(h5_path) as h5:
         refs = [r for r in slide_refs(h5) if r.split == "Test"]
@@ -125,8 +134,13 @@ def crop_test_slides(h5_path: Path, normalizer: StainNormalizer, patch_size: int
             image = normalizer.transform(read_image_uint8(h5, ref))
             spots = read_spots(h5, ref)
             slides.append((image, spots["x"].to_numpy(), spots["y"].to_numpy(), (0, 0)))
-            tables.append(pd.DataFrame({"slide": ref.name, "spot": np.arange(len(spots)),
-                                        "x": spots["x"], "y": spots["y"]}))
+            table = pd.DataFrame({"slide": ref.name, "spot": np.arange(len(spots)), "x": spots["x"], "y": spots["y"]})
+            barcodes, fullres = read_barcodes(h5, ref), read_fullres(h5, ref)
+            if barcodes is not None:
+                table["barcode"] = barcodes
+            if fullres is not None:
+                table["x_fullres"], table["y_fullres"] = fullres[0][:, 0], fullres[0][:, 1]
+            tables.append(table)
             sizes[ref.name] = image.shape[:2]
             log(f"normalized {len(spots)} spots of Test/{ref.name}")
     return PatchSet(SlideCrops.from_slides(slides, patch_size), pd.concat(tables, ignore_index=True),

@@ -2,10 +2,13 @@
 
 ``images/{Train,Test}/S_k``: H x W x 3 RGB, float (0-1) or uint8.
 ``spots/{Train,Test}/S_k``: structured array with ``x`` (pixel column), ``y`` (pixel row) and, for
-Train, one float field per cell type (C1..C35); Test slides may carry ``Test_Set``.
+Train, one float field per cell type (the competition: C1..C35); Test slides may carry ``Test_Set``.
+Slide names are free (``S_k`` in the competition). Files written by ``python -m src.ingest`` also hold
+``barcodes/{split}/{slide}`` and ``fullres/{split}/{slide}`` (the spots' source coordinates).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +85,24 @@ def read_spots(h5: h5py.File, ref: SlideRef) -> pd.DataFrame:
 def round_coordinates(values: np.ndarray) -> np.ndarray:
     """Pixel coordinates as int64: floats are rounded half to even (numpy's rint)."""
     return np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values.astype(np.int64)
+
+
+def read_barcodes(h5: h5py.File, ref: SlideRef) -> np.ndarray | None:
+    """The spots' barcodes (imported Visium slides), or None."""
+    key = f"barcodes/{ref.split}/{ref.name}"
+    return h5[key].asstr()[()] if key in h5 else None
+
+
+def read_fullres(h5: h5py.File, ref: SlideRef) -> tuple[np.ndarray, dict] | None:
+    """The spots' source (full-resolution) coordinates, N x 2 (x, y), and where they come from
+    (``source``, ``source_um_per_px``, ``scale``, ``scalefactors``, ``library_id``), or None."""
+    key = f"fullres/{ref.split}/{ref.name}"
+    if key not in h5:
+        return None
+    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in h5[key].attrs.items()}
+    if isinstance(attrs.get("scalefactors"), str):
+        attrs["scalefactors"] = json.loads(attrs["scalefactors"])
+    return h5[key][()], attrs
 
 
 def read_image_uint8(h5: h5py.File, ref: SlideRef) -> np.ndarray:

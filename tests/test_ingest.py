@@ -1,0 +1,254 @@
+"""Visium slides in: Space Ranger folders and .h5ad files written by the simulator go through
+`python -m src.ingest` into the layout, agree with the slides they came from, and every kind of bad
+input is one line, exit 2, nothing written."""
+import json
+import shutil
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from src import ingest, simulate
+from src.data.slides import open_h5, read_barcodes, read_image_uint8, read_spots, slide_refs
+
+TINY = ["--set", "simulate.size=240", "--set", "simulate.n_train=2", "--set", "simulate.n_test=1",
+        "--set", "simulate.tissue_extent=[0.8, 1.1]", "--set", "simulate.offsets=[[0, 0], [0, 0]]"]
+
+
+def _export(folder, scale=4):
+    simulate.main(["--out", str(folder / "sim.h5"), "--truth-out", str(folder / "truth.h5"),
+                   "--visium", str(folder / "visium"), "--fullres-scale", str(scale), *TINY])
+    return folder / "visium"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("visium"))
+
+
+@pytest.fixture(scope="module")
+def imported(exported, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imported")
+    files = {}
+    for route in ("spaceranger", "h5ad"):
+        files[route] = out / f"{route}.h5"
+        ingest.main([str(exported / f"manifest_{route}.csv"), "--out", str(files[route]),
+                     "--truth-out", str(out / f"{route}_truth.h5")])
+    return files
+
+
+def _layout(path):
+    with open_h5(path) as h5:
+        return {r.name: (r.split, read_image_uint8(h5, r), read_spots(h5, r), read_barcodes(h5, r))
+                for r in slide_refs(h5)}
+
+
+def test_both_routes_import_the_simulated_slides_they_came_from(exported, imported):
+    original = _layout(exported.parent / "sim.h5")
+    for route, path in imported.items():
+        slides = _layout(path)
+        assert sorted(slides) == ["test_S_3", "train_S_1", "train_S_2"]
+        for name, (split, image, spots, barcodes) in slides.items():
+            _, source_image, source_spots, _ = original[name.split("_", 1)[1]]
+            assert split == name.split("_")[0].capitalize()
+            assert image.shape == source_image.shape  # back at the layout's scale
+            assert np.abs(image.astype(int) - source_image).mean() < 2.5, (route, name)
+            assert len(barcodes) == len(spots) and len(set(barcodes)) == len(barcodes)
+            kept = source_spots.set_index(["x", "y"]).index
+            assert pd.MultiIndex.from_arrays([spots["x"], spots["y"]]).isin(kept).all()  # within 0.5 px
+            if split == "Train":  # cell types by name, from the data; a few spots had none and are gone
+                assert list(spots.columns[2:6]) == ["B cells", "Plasma cells", "CD4+ T cells", "CD8+ T cells"]
+                assert spots.shape[1] == 2 + 35
+                assert 0.9 * len(source_spots) <= len(spots) <= len(source_spots)
+            else:
+                assert len(spots) == len(source_spots)
+    with h5py.File(imported["spaceranger"].parent / "spaceranger_truth.h5") as truth:
+        assert truth["Test/test_S_3/observed"].shape == (len(original["S_3"][2]), 35)
+
+
+def test_the_import_reads_the_pyramid_level_that_fits(exported, tmp_path, capsys):
+    ingest.main([str(exported / "manifest_spaceranger.csv"), "--out", str(tmp_path / "a.h5")])
+    out = capsys.readouterr().out
+    assert "level 2 of 4, 960 x 960 -> 240 x 240 px" in out  # 4x finer source: the 4x-reduced level
+    assert "40 spots listed" not in out and "in tissue" in out
+    ingest.main([str(exported / "manifest_spaceranger.csv"), "--out", str(tmp_path / "b.h5"), "--um-per-px", "1.058"])
+    assert "level 1 of 4, 960 x 960 -> 480 x 480 px" in capsys.readouterr().out  # twice the competition's detail
+
+
+def test_two_source_resolutions_give_patches_that_agree(exported, imported, tmp_path):
+    twice = _export(tmp_path, scale=2)
+    ingest.main([str(twice / "manifest_spaceranger.csv"), "--out", str(tmp_path / "x2.h5")])
+    fine, coarse = _layout(imported["spaceranger"]), _layout(tmp_path / "x2.h5")
+    for name in fine:
+        a, b = fine[name][1].astype(int), coarse[name][1].astype(int)
+        assert np.abs(a - b).mean() < 2.0, name
+        np.testing.assert_allclose(fine[name][2][["x", "y"]], coarse[name][2][["x", "y"]], atol=0.5)
+        x, y = int(fine[name][2]["x"].iloc[0]), int(fine[name][2]["y"].iloc[0])
+        patch = np.s_[max(0, y - 16): y + 16, max(0, x - 16): x + 16]
+        assert np.abs(a[patch] - b[patch]).mean() < 3.0
+
+
+def _copy(exported, tmp_path):
+    folder = tmp_path / "v"
+    shutil.copytree(exported, folder)
+    return folder
+
+
+def _positions(folder):
+    return folder / "spaceranger/train_S_1/outs/spatial/tissue_positions.csv"
+
+
+def _edit_csv(path, edit, **read):
+    """Rewrite a CSV through ``edit(frame) -> frame``."""
+    edit(pd.read_csv(path, **read)).to_csv(path, index="index_col" in read)
+
+
+def _abundances(f, slide, edit):
+    _edit_csv(f / f"abundances/{slide}.csv", edit, index_col=0)
+
+
+def _set_cell(frame, row, column, value):
+    frame = frame.astype({column: object}) if isinstance(value, str) else frame.copy()
+    frame.iloc[row, frame.columns.get_loc(column)] = value
+    return frame
+
+
+def _unknown_barcodes(f):
+    _abundances(f, "train_S_1", lambda t: t.rename(index=dict(zip(t.index[:3], ["X-1", "Y-1", "Z-1"]))))
+
+
+def _negative(f):
+    _abundances(f, "train_S_2", lambda t: _set_cell(t, 4, "CD8+ T cells", -1.0))
+
+
+def _text(f):
+    _abundances(f, "train_S_2", lambda t: _set_cell(t, 2, "Tregs", "n/a"))
+
+
+def _other_types(f):
+    _abundances(f, "train_S_2", lambda t: t.rename(columns={"NK cells": "NK"}))
+
+
+def _outside(f):
+    _edit_csv(_positions(f), lambda t: _set_cell(t, int(np.flatnonzero(t["in_tissue"] == 1)[0]), "pxl_col_in_fullres", 5000))
+
+
+def _scalefactors(value):
+    def edit(f):
+        path = f / "spaceranger/train_S_1/outs/spatial/scalefactors_json.json"
+        factors = json.loads(path.read_text())
+        if value is None:
+            path.unlink()
+        else:
+            factors["spot_diameter_fullres"] = value
+            path.write_text(json.dumps(factors))
+    return edit
+
+
+def _small_image(f):
+    image = tifffile.imread(f / "images/train_S_1_fullres.tif", level=2)
+    tifffile.imwrite(f / "images/train_S_1_fullres.tif", image, photometric="rgb")
+
+
+def _no_spatial(f):
+    path = f / "h5ad/train_S_1.h5ad"
+    adata = anndata.read_h5ad(path)
+    del adata.obsm["spatial"]
+    with anndata.settings.override(allow_write_nullable_strings=True):  # read back with pandas' string index
+        adata.write_h5ad(path)
+
+
+BAD = {
+    "barcodes matching no spot": ("spaceranger", _unknown_barcodes,
+                                  "abundances/train_S_1.csv: 3 of 41 barcodes match no spot of"),
+    "negative abundance": ("spaceranger", _negative, "cell type 'CD8+ T cells' of barcode"),
+    "non-numeric abundance": ("spaceranger", _text, "cell type 'Tregs' of barcode"),
+    "cell types differ between slides": ("spaceranger", _other_types, "cell types differ from those of slide train_S_1"),
+    "coordinates outside the image": ("spaceranger", _outside, "1 of 41 spots lie outside the image (960 x 960 px"),
+    "scalefactors missing": ("spaceranger", _scalefactors(None), "scalefactors_json.json: scalefactors file not found"),
+    "scalefactors of another image": ("spaceranger", _scalefactors(10.4), "spot_diameter_fullres = 10.4 px does not fit"),
+    "scalefactors not a number": ("spaceranger", _scalefactors("big"), "spot_diameter_fullres = 'big' (expected a positive"),
+    "image smaller than the coordinates": ("spaceranger", _small_image, "spots lie outside the image (240 x 240 px"),
+    "h5ad without obsm spatial": ("h5ad", _no_spatial, "train_S_1.h5ad: no obsm['spatial']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, exported, tmp_path, capsys):
+    route, edit, expected = BAD[case]
+    folder = _copy(exported, tmp_path)
+    edit(folder)
+    out, truth = tmp_path / "out.h5", tmp_path / "truth.h5"
+    with pytest.raises(SystemExit) as info:
+        ingest.main([str(folder / f"manifest_{route}.csv"), "--out", str(out), "--truth-out", str(truth)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert expected in err, err
+    assert not out.exists() and not truth.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_a_manifest_naming_no_abundances_for_a_training_slide_is_an_error(exported, tmp_path, capsys):
+    folder = _copy(exported, tmp_path)
+    _edit_csv(folder / "manifest_spaceranger.csv", lambda t: t.assign(abundances=t["abundances"].where(
+        t["split"] != "train", "")))
+    with pytest.raises(SystemExit):
+        ingest.main([str(folder / "manifest_spaceranger.csv"), "--out", str(tmp_path / "o.h5")])
+    assert "row 1: training slide train_S_1 has no abundances" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_imported_slides_go_through_dvc_repro_to_predictions_scanpy_reads(tmp_path):
+    """The README's commands: simulator -> Space Ranger folders -> ingest -> dvc repro -> predict with
+    barcodes, a CSV and an .h5ad. The figures are those of the same slides through the HDF5 route."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.dvc_repo import SMALL, make_repo, run_ok
+
+    path, env = make_repo(tmp_path / "repo", SMALL)
+    visium = tmp_path / "visium"
+    run_ok([sys.executable, "-m", "src.simulate", "--out", "data/sim.h5", "--truth-out", "data/truth.h5",
+            "--visium", str(visium), *[a.replace("240", "400") for a in TINY]], path, env)
+    run_ok([sys.executable, "-m", "src.ingest", str(visium / "manifest_spaceranger.csv"), "--out", "data/visium.h5",
+            "--truth-out", "data/visium_truth.h5"], path, env)
+    figures = {}
+    for name, h5, truth in (("hdf5", "data/sim.h5", "data/truth.h5"), ("visium", "data/visium.h5", "data/visium_truth.h5")):
+        params = yaml.safe_load((path / "params.yaml").read_text())
+        params["data"] = {"h5": h5, "truth": truth}
+        (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        run_ok(["dvc", "repro", "evaluate"], path, env)
+        figures[name] = json.loads((path / "metrics/evaluate.json").read_text())
+    hdf5, metrics = figures["hdf5"], figures["visium"]
+    assert metrics["cv_spearman"] > metrics["cv_floor_spearman"] + 0.03, metrics
+    assert "ceiling_spearman" not in metrics  # real labels: no noise-free expectation
+    for key in ("cv_spearman", "cv_floor_spearman", "test_spearman", "floor_spearman"):
+        assert abs(metrics[key] - hdf5[key]) < 0.03, (key, metrics, hdf5)
+    per_type = pd.read_csv(path / "metrics/per_type.csv")
+    assert per_type["cell_type"].iloc[2] == "CD4+ T cells"
+
+    run = subprocess.run([sys.executable, "-m", "src.predict", "--model", "models/model.pt", "--h5", "data/visium.h5",
+                          "--out", "out/submission.csv", "--table", "out/predictions.csv", "--h5ad", "out/predictions.h5ad",
+                          "--maps", "out/maps"],
+                         cwd=path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (path / "out/maps/test_S_3.png").stat().st_size > 1000
+    table = pd.read_csv(path / "out/predictions.csv")
+    positions = pd.read_csv(visium / "spaceranger/test_S_3/outs/spatial/tissue_positions.csv")
+    in_tissue = positions[positions["in_tissue"] == 1].set_index("barcode")
+    assert list(table.columns[:6]) == ["barcode", "slide", "x", "y", "x_fullres", "y_fullres"]
+    assert set(table["barcode"]) == set(in_tissue.index)
+    np.testing.assert_array_equal(table["x_fullres"], in_tissue.loc[table["barcode"], "pxl_col_in_fullres"])
+    adata = anndata.read_h5ad(path / "out/predictions.h5ad")
+    assert list(adata.obs_names) == list(table["barcode"])
+    assert list(adata.obsm["predicted_abundance"].columns) == list(table.columns[6:])
+    np.testing.assert_allclose(adata.obsm["predicted_abundance"].to_numpy(), table.iloc[:, 6:].to_numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(adata.obsm["spatial"], table[["x_fullres", "y_fullres"]].to_numpy())
+    assert adata.uns["spatial"]["test_S_3"]["scalefactors"]["spot_diameter_fullres"] == 104.0
+    submission = pd.read_csv(path / "outputs/submission.csv")  # the pipeline's own prediction of the slide
+    np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), table.iloc[:, 6:].to_numpy(), rtol=1e-4, atol=1e-6)
