@@ -13,7 +13,8 @@ from pathlib import Path
 
 from src.core.config import add_params_arguments, load_params
 from src.core.errors import InputError, exit_on_input_error
-from src.data.simulation import simulate, write_layout
+from src.data.families import simulate_family
+from src.data.simulation import write_layout
 from src.data.visium_export import export_visium
 
 
@@ -21,8 +22,8 @@ from src.data.visium_export import export_visium
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.simulate", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/simulated.h5"), help="HDF5 to write")
-    parser.add_argument("--truth-out", type=Path, default=Path("data/simulated_truth.h5"),
-                        help="truth file to write (observed and noise-free abundances)")
+    parser.add_argument("--truth-out", type=Path, default=None,
+                        help="truth file to write (observed and noise-free abundances; default: OUT's name + _truth)")
     parser.add_argument("--visium", type=Path, default=None,
                         help="also write the slides as Space Ranger folders, .h5ad files and abundance CSVs here")
     parser.add_argument("--fullres-scale", type=int, default=4,
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     add_params_arguments(parser, "simulate.size=600")
     args = parser.parse_args(argv)
     params = load_params(args.params, args.set)
-    slides, names = simulate(params.simulate)
+    if args.truth_out is None:
+        args.truth_out = args.out.with_name(f"{args.out.stem}_truth.h5")
+    slides, names = simulate_family(params.simulate)
     write_layout(slides, names, args.out, args.truth_out, params.simulate.seed)
     n_spots = sum(len(s.x) for _, _, s in slides)
     print(f"wrote {args.out} ({len(slides)} slides, {n_spots} spots) and {args.truth_out}")

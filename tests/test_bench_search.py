@@ -11,14 +11,18 @@ TINY_DATA = ["simulate.size=240", "simulate.n_train=2", "simulate.n_test=1", "si
 
 
 @pytest.mark.slow
-def test_search_bench_scores_hand_set_and_trials_on_the_test_slide(tmp_path, capsys):
-    results = bench_search([3], ROOT / "params.yaml", [*TINY_DATA, *FAST, "train.epochs=2"], tmp_path, trials=3,
-                           replay=True)
-    (r,) = results
-    assert r.hand_set > r.floor and r.tuned > r.floor  # both recipes beat the training mean profile on the test slide
-    assert r.n_complete == 3 and r.n_pruned == 0  # --replay: unpruned, every trial scored on the test slide
-    assert np.isfinite(r.correlation)  # three distinct trials ranked by CV and by the test slide
-    assert {x.pruner for x in r.replay} == {"wilcoxon", "median", "hyperband"}
+def test_search_bench_scores_hand_set_and_trials_on_the_test_slide_of_both_families(tmp_path, capsys):
+    results = bench_search(["compartments", "cells"], [3], ROOT / "params.yaml", [*TINY_DATA, *FAST, "train.epochs=2"],
+                           tmp_path, trials=3, replay=True)
+    assert [r.family for r in results] == ["compartments", "cells"]
+    for r in results:
+        assert r.hand_set > r.floor and r.tuned > r.floor  # both recipes beat the training mean profile on the test slide
+        assert r.ceiling > r.tuned and 0 < r.skill < 1
+        assert r.n_complete == 3 and r.n_pruned == 0  # --replay: unpruned, every trial scored on the test slide
+        assert np.isfinite(r.correlation)  # three distinct trials ranked by CV and by the test slide
+        assert {x.pruner for x in r.replay} == {"wilcoxon", "median", "hyperband"}
+        assert (tmp_path / f"{r.family}-seed3" / "patches" / "meta.json").is_file()  # rerunning reuses the data
     out = capsys.readouterr().out
-    assert "hand-set vs tuned recipe on the test slide (3 trials per study)" in out and "mean gain" in out
-    assert (tmp_path / "seed3" / "patches" / "meta.json").is_file()  # rerunning reuses the data
+    assert "hand-set vs tuned recipe on the test slide (3 trials per study; defaults chosen on family compartments)" in out
+    assert "compartments (defaults chosen here, 1 data sets): mean gain" in out
+    assert "cells (held out, 1 data sets): mean gain" in out

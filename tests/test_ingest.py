@@ -213,12 +213,12 @@ def test_imported_slides_go_through_dvc_repro_to_predictions_scanpy_reads(tmp_pa
 
     path, env = make_repo(tmp_path / "repo", SMALL)
     visium = tmp_path / "visium"
-    run_ok([sys.executable, "-m", "src.simulate", "--out", "data/sim.h5", "--truth-out", "data/truth.h5",
+    run_ok([sys.executable, "-m", "src.simulate", "--out", "data/sim.h5",  # truth: data/sim_truth.h5
             "--visium", str(visium), *[a.replace("240", "400") for a in TINY]], path, env)
     run_ok([sys.executable, "-m", "src.ingest", str(visium / "manifest_spaceranger.csv"), "--out", "data/visium.h5",
             "--truth-out", "data/visium_truth.h5"], path, env)
     figures = {}
-    for name, h5, truth in (("hdf5", "data/sim.h5", "data/truth.h5"), ("visium", "data/visium.h5", "data/visium_truth.h5")):
+    for name, h5, truth in (("hdf5", "data/sim.h5", "data/sim_truth.h5"), ("visium", "data/visium.h5", "data/visium_truth.h5")):
         params = yaml.safe_load((path / "params.yaml").read_text())
         params["data"] = {"h5": h5, "truth": truth}
         (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -5,7 +5,10 @@ and ``scale`` (each described in its module: ``src.bench.stain``, ``trial``, ``s
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
+
+from src.core.config import SimulationFamily
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--h5", default=None, help="a file in the competition layout (training slides)")
     data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a simulate.* param, e.g. simulate.seed=3 (repeatable)")
-    search = sub.add_parser("search", help="hand-set vs tuned recipe on the test slide, per simulate.seed")
+    search = sub.add_parser("search", help="hand-set vs tuned recipe on the test slide, per data family and seed")
+    families = list(typing.get_args(SimulationFamily))
+    search.add_argument("--families", nargs="+", default=families, choices=families,
+                        help="simulate.family values (default all)")
     search.add_argument("--seeds", type=int, nargs="+", default=[12, 13, 14], help="simulate.seed values")
     search.add_argument("--trials", type=int, default=None, help="trials per study (default: tune.trials)")
     search.add_argument("--work", type=Path, default=Path("cache/bench-search"),
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "search":
         from src.bench.search import bench_search
 
-        bench_search(args.seeds, args.params, args.set, args.work, args.trials, args.replay)
+        bench_search(args.families, args.seeds, args.params, args.set, args.work, args.trials, args.replay)
     elif args.what == "data":
         from src.bench.data import bench_data, print_data
 

@@ -19,10 +19,10 @@ def bench_data(overrides: list[str], h5: str | None) -> tuple[str, dict]:
                 train[ref.name] = spots[target_names(list(spots.columns))].to_numpy(np.float64)
         return h5, abundance_statistics(train)
     from src.core.config import load_params
-    from src.data.simulation import simulate
+    from src.data.families import simulate_family
 
     cfg = load_params(overrides=overrides).simulate
-    slides, _ = simulate(cfg)
+    slides, _ = simulate_family(cfg)
     train = {name: s.observed for split, name, s in slides if split == "Train"}
     tests = [s for split, _, s in slides if split == "Test"]
     test = np.concatenate([s.observed for s in tests]) if tests else None

@@ -1,14 +1,17 @@
 """``python -m src.bench search``: does the search beat the hand-set recipe on a new slide?
 
-For each ``simulate.seed`` (the embedded default's generator, so every seed is another data set with a
-truth file), in a work folder of its own: simulate, normalize and cut patches; run the hand-set
+For each simulated data family (``simulate.family``: ``compartments``, the embedded default on which
+the defaults and the search space were chosen, and ``cells``, held out: built on other assumptions and
+never tuned on) and each ``simulate.seed`` (another data set with a truth file), in a work folder of
+its own: simulate, normalize and cut patches; run the hand-set
 params.yaml recipe as stage ``train`` delivers it (the fold models of its CV, averaged, smoothed with
 its own ``infer.smoothing_sigma``) and score it on the test slide; run a study of ``tune.trials``
 trials exactly as stage ``tune`` does, and score every complete trial's fold models on the test slide
-too (TTA and the sigma its CV chose: what stage ``train`` would deliver for it). Printed per seed:
-hand-set and tuned test Spearman (the tuned one is the best-CV trial's), their difference, and the
-Spearman correlation between the trials' CV and test scores (does the CV rank recipes as a new slide
-does). With ``--replay``, the study runs without pruning and every pruner is replayed over its
+too (TTA and the sigma its CV chose: what stage ``train`` would deliver for it). Printed per data set:
+the floor, hand-set and tuned test Spearman (the tuned one is the best-CV trial's), their difference,
+the tuned recipe's skill ((test - floor) / (ceiling - floor)) and the Spearman correlation between the
+trials' CV and test scores (does the CV rank recipes as a new slide does); then per family the mean
+gain, the worst gain and the share of data sets where the tuned recipe wins. With ``--replay``, the study runs without pruning and every pruner is replayed over its
 recorded fold scores (``src.pruning.replay``).
 
 Test labels are read here only: the study and its choices never see them.
@@ -24,9 +27,12 @@ from scipy.stats import spearmanr
 
 from src.core.config import Params, apply_overrides, params_from_dict, read_raw
 
+DEFAULTS_CHOSEN_ON = "compartments"  # the family the defaults, space and levers were chosen on
+
 
 @dataclass
 class SeedResult:
+    family: str
     seed: int
     hand_set: float
     tuned: float
@@ -35,12 +41,17 @@ class SeedResult:
     n_pruned: int
     best_trial: int
     floor: float
+    ceiling: float
     minutes: float
     replay: list = field(default_factory=list)
 
     @property
     def gain(self) -> float:
         return self.tuned - self.hand_set
+
+    @property
+    def skill(self) -> float:
+        return (self.tuned - self.floor) / (self.ceiling - self.floor)
 
 
 def build_data(raw_params: Path, folder: Path, overrides: list[str]) -> None:
@@ -64,7 +75,8 @@ class TestSlide:
         from src.data.truth import read_truth
 
         self.patch_set = load_patch_set(folder / "patches", "test")
-        self.truth, _ = read_truth(folder / "simulated_truth.h5", self.patch_set.spots, self.patch_set.targets)
+        self.truth, self.expected = read_truth(folder / "simulated_truth.h5", self.patch_set.spots,
+                                               self.patch_set.targets)
 
     def score(self, models: list, params: Params, sigma: float) -> float:
         """Test Spearman of the fold models averaged, with TTA and smoothing at ``sigma``."""
@@ -78,20 +90,20 @@ class TestSlide:
         return competition_score(predict_smoothed(Ensemble(models), self.patch_set, infer), self.truth)
 
 
-def run_seed(seed: int, params_file: Path, overrides: list[str], work: Path, trials: int | None,
+def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], work: Path, trials: int | None,
              replay: bool, log=print) -> SeedResult:
     from src.data.patch_set import load_patch_set
     from src.engine.cross_validation import cross_validate
     from src.engine.folds import fold_count
-    from src.engine.metrics import floor_score
+    from src.engine.metrics import competition_score, floor_score
     from src.search.pruning import PRUNERS
     from src.search.pruning import replay as replay_pruner
     from src.search.study import run_study
 
     start = time.perf_counter()
-    folder = work / f"seed{seed}"
+    folder = work / f"{family}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    overrides = [*overrides, f"simulate.seed={seed}", f"train.cache_dir={folder / 'cache'}"]
+    overrides = [*overrides, f"simulate.family={family}", f"simulate.seed={seed}", f"train.cache_dir={folder / 'cache'}"]
     if replay:
         overrides.append("tune.pruner=none")
     if not (folder / "patches" / "meta.json").is_file():
@@ -103,13 +115,13 @@ def run_seed(seed: int, params_file: Path, overrides: list[str], work: Path, tri
 
     hand = cross_validate(params, train_set, keep_models=True, show_progress=False)
     hand_test = test.score(hand.models, params, params.infer.smoothing_sigma)
-    log(f"seed {seed}: hand-set recipe CV {hand.score:.4f}, test {hand_test:.4f}")
+    log(f"{family} seed {seed}: hand-set recipe CV {hand.score:.4f}, test {hand_test:.4f}")
 
     def score_on_test(trial, trial_params, result) -> None:
         trial.set_user_attr("test_spearman", round(test.score(result.models, trial_params, result.sigma), 6))
 
     n_trials = trials or params.tune.trials
-    study = run_study(raw, train_set, n_trials, f"bench-seed{seed}", f"sqlite:///{folder / 'study.db'}",
+    study = run_study(raw, train_set, n_trials, f"bench-{family}-seed{seed}", f"sqlite:///{folder / 'study.db'}",
                       artifact_dir=folder / "artifacts", live=False, log=log, after_cv=score_on_test)
     complete = [t for t in study.trials if t.state.name == "COMPLETE" and "test_spearman" in t.user_attrs]
     best = study.best_trial
@@ -120,10 +132,11 @@ def run_seed(seed: int, params_file: Path, overrides: list[str], work: Path, tri
     if replay:
         n_folds = fold_count(params.cv, train_set.spots["slide"].to_numpy())
         replays = [replay_pruner(study, name, params, n_folds) for name in PRUNERS if name != "none"]
-    return SeedResult(seed=seed, hand_set=hand_test, tuned=best.user_attrs["test_spearman"],
+    return SeedResult(family=family, seed=seed, hand_set=hand_test, tuned=best.user_attrs["test_spearman"],
                       correlation=correlation, n_complete=len(complete),
                       n_pruned=sum(t.state.name == "PRUNED" for t in study.trials), best_trial=best.number,
                       floor=floor_score(train_set.abundance, test.truth),
+                      ceiling=competition_score(test.expected, test.truth),
                       minutes=(time.perf_counter() - start) / 60, replay=replays)
 
 
@@ -132,20 +145,19 @@ def print_results(results: list[SeedResult], trials: int) -> None:
     from rich.table import Table
 
     console = Console(width=120)
-    table = Table(title=f"hand-set vs tuned recipe on the test slide ({trials} trials per study)",
-                  title_justify="left")
-    for column in ("seed", "floor", "hand-set test", "tuned test", "difference", "CV-test rank corr.",
+    table = Table(title=f"hand-set vs tuned recipe on the test slide ({trials} trials per study; defaults "
+                        f"chosen on family {DEFAULTS_CHOSEN_ON})", title_justify="left")
+    for column in ("family", "seed", "floor", "ceiling", "hand-set", "tuned", "gain", "skill", "CV-test rank corr.",
                    "best trial", "complete / pruned", "minutes"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(str(r.seed), f"{r.floor:.4f}", f"{r.hand_set:.4f}", f"{r.tuned:.4f}", f"{r.gain:+.4f}",
-                      f"{r.correlation:.2f}", f"#{r.best_trial}", f"{r.n_complete} / {r.n_pruned}",
-                      f"{r.minutes:.1f}")
+        table.add_row(r.family, str(r.seed), f"{r.floor:.4f}", f"{r.ceiling:.4f}", f"{r.hand_set:.4f}",
+                      f"{r.tuned:.4f}", f"{r.gain:+.4f}", f"{r.skill:.2f}", f"{r.correlation:.2f}",
+                      f"#{r.best_trial}", f"{r.n_complete} / {r.n_pruned}", f"{r.minutes:.1f}")
     console.print(table)
-    gains = [r.gain for r in results]
-    console.print(f"mean gain {np.mean(gains):+.4f}; worst seed {min(gains):+.4f}; "
-                  f"mean CV-test rank correlation {np.nanmean([r.correlation for r in results]):.2f}")
-    replays = [(r.seed, x) for r in results for x in r.replay]
+    for family in dict.fromkeys(r.family for r in results):
+        console.print(family_summary(family, [r for r in results if r.family == family]))
+    replays = [(f"{r.family} {r.seed}", x) for r in results for x in r.replay]
     if replays:
         table = Table(title="pruners replayed over the unpruned studies' fold scores", title_justify="left")
         for column in ("seed", "pruner", "trials pruned", "folds saved", "pruned that would have improved",
@@ -157,10 +169,20 @@ def print_results(results: list[SeedResult], trials: int) -> None:
         console.print(table)
 
 
-def bench_search(seeds: list[int], params_file: Path, overrides: list[str], work: Path,
+def family_summary(family: str, results: list[SeedResult]) -> str:
+    gains = [r.gain for r in results]
+    role = "defaults chosen here" if family == DEFAULTS_CHOSEN_ON else "held out"
+    return (f"{family} ({role}, {len(results)} data sets): mean gain {np.mean(gains):+.4f}, worst {min(gains):+.4f}, "
+            f"tuned wins {sum(g > 0 for g in gains)} of {len(gains)}, mean skill "
+            f"{np.mean([r.skill for r in results]):.2f}, mean CV-test rank correlation "
+            f"{np.nanmean([r.correlation for r in results]):.2f}")
+
+
+def bench_search(families: list[str], seeds: list[int], params_file: Path, overrides: list[str], work: Path,
                  trials: int | None, replay: bool) -> list[SeedResult]:
     results = []
-    for seed in seeds:
-        results.append(run_seed(seed, params_file, overrides, work, trials, replay))
+    for family in families:
+        for seed in seeds:
+            results.append(run_seed(family, seed, params_file, overrides, work, trials, replay))
     print_results(results, trials or params_from_dict(apply_overrides(read_raw(params_file), overrides)).tune.trials)
     return results

@@ -22,12 +22,12 @@ def bench_stain(size: int = 2000, repeats: int = 3, seed: int = 0) -> dict:
     import staintools
 
     from src.core.config import SimulateConfig
-    from src.data.simulation import simulate
+    from src.data.families import simulate_family
     from src.data.stain import StainNormalizer
 
     cfg = SimulateConfig(seed=seed, n_train=2, n_test=0, size=size, pitch=25.0, n_types=35,
                          tissue_extent=[1.0, 1.0], offsets=[[0, 0], [0, 0]])
-    slides, _ = simulate(replace(cfg))
+    slides, _ = simulate_family(replace(cfg))
     reference, source = [(s.image * 255).round().astype(np.uint8) for _, _, s in slides]
     results = {}
     for method in ("vahadane", "macenko"):

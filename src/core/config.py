@@ -30,6 +30,7 @@ RegistrationMode = Literal["auto", "none"]
 FusionName = Literal["product", "concat", "film", "gated", "none"]
 TargetTransform = Literal["log", "log1p", "rank", "raw"]
 FinalModel = Literal["ensemble", "retrain"]
+SimulationFamily = Literal["compartments", "cells"]
 CVScheme = Literal["blocks", "leave_one_slide_out"]
 PrunerName = Literal["wilcoxon", "median", "hyperband", "none"]
 Dihedral = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"]
@@ -54,6 +55,7 @@ class SimulateConfig(Section, key="simulate"):
     n_types: Annotated[int, AtLeast(2)]  # number of cell types (the competition has 35)
     tissue_extent: Annotated[list[Annotated[float, Above(0)]], Length(2, "[low, high]")]  # tissue radius
     # relative to the slide, drawn per slide
+    family: SimulationFamily = "compartments"  # the embedded default | cells (src/data/simulation_cells.py)
     offsets: list[Pair] = field(default_factory=list)  # [dx, dy] misregistration of training slide i
     # (the correction that maps stored spots back onto the tissue, as patches.offsets); test slides are aligned
 

@@ -131,7 +131,7 @@ def slide_style(rng: np.random.Generator, n_types: int, extent: list[float]) -> 
     return SlideStyle(weights, float(rng.uniform(*extent)), effect)
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+def smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     # Fourier-domain blur: cost independent of sigma (large sigmas are slow in real space).
     spectrum = ndimage.fourier_gaussian(np.fft.rfft2(rng.standard_normal(shape)), sigma, n=shape[1])
     field = np.fft.irfft2(spectrum, s=shape)
@@ -141,15 +141,15 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float
 def _tissue_and_compartments(rng, size: int, style: SlideStyle) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
     radial = -2.5 * (xx**2 + yy**2) / (0.25 * style.extent**2)
-    tissue = _smooth_field(rng, (size, size), size / 10) + radial + 1.3 > 0
+    tissue = smooth_field(rng, (size, size), size / 10) + radial + 1.3 > 0
     tissue = ndimage.binary_opening(tissue, iterations=3)
     scores = np.stack(
-        [_smooth_field(rng, (size, size), size / 18) + np.log(w) for w in style.compartment_weights]
+        [smooth_field(rng, (size, size), size / 18) + np.log(w) for w in style.compartment_weights]
     )
     return tissue, np.argmax(scores, axis=0)
 
 
-def _ellipse_kernel(a: float, b: float, angle: float) -> np.ndarray:
+def ellipse_kernel(a: float, b: float, angle: float) -> np.ndarray:
     half = int(np.ceil(max(a, b))) + 1
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1].astype(float)
     u = xx * np.cos(angle) + yy * np.sin(angle)
@@ -176,7 +176,7 @@ def _render_nuclei(rng, region: np.ndarray, comp: Compartment) -> tuple[np.ndarr
         layer = np.zeros(region.shape)
         np.add.at(layer, (rows[pick[sel]], cols[pick[sel]]), amplitude[sel])
         angle = base_angle + (g * np.pi / n_orientations if not comp.fibres else g * 0.15)
-        kernel = _ellipse_kernel(*comp.nucleus_radii, angle)
+        kernel = ellipse_kernel(*comp.nucleus_radii, angle)
         haematoxylin += signal.oaconvolve(layer, kernel, mode="same")
     np.add.at(impulses, (rows[pick], cols[pick]), 1.0)
     return np.minimum(haematoxylin, comp.nucleus_od * 1.6), impulses
@@ -229,7 +229,7 @@ def render_slide(rng: np.random.Generator, size: int, types: CellTypes, style: S
     image = np.exp(-np.clip(od, 0, None)) + rng.normal(0, 0.01, od.shape)
     image = np.clip(image, 0.0, 1.0).astype(np.float32)
 
-    x, y = _spot_lattice(rng, tissue, pitch)
+    x, y = spot_lattice(rng, tissue, pitch)
     dx, dy = offset
     # Stored coordinates are misregistered; spots whose stored position leaves the image are not
     # part of the table (a real export holds only spots inside the image).
@@ -248,7 +248,7 @@ def _hidden_fields(rng, size: int, n_types: int, x: np.ndarray, y: np.ndarray) -
     show). Neighbouring spots share it; the image does not."""
     cell = 8  # px per grid cell: the fields vary over ~HIDDEN_SCALE_PX, far above a cell
     grid = -(-size // cell)
-    fields = np.stack([_smooth_field(rng, (grid, grid), HIDDEN_SCALE_PX / cell) for _ in range(n_types)], axis=-1)
+    fields = np.stack([smooth_field(rng, (grid, grid), HIDDEN_SCALE_PX / cell) for _ in range(n_types)], axis=-1)
     return fields[np.minimum(y // cell, grid - 1), np.minimum(x // cell, grid - 1)]
 
 
@@ -259,7 +259,7 @@ def _noise_sd(expected: np.ndarray, peak: np.ndarray) -> np.ndarray:
     return np.minimum(PRESENT_NOISE_SD + RESIDUE_NOISE_SD_PER_DECADE * decades_below_peak, MAX_NOISE_SD)
 
 
-def _spot_lattice(rng, tissue: np.ndarray, pitch: float) -> tuple[np.ndarray, np.ndarray]:
+def spot_lattice(rng, tissue: np.ndarray, pitch: float) -> tuple[np.ndarray, np.ndarray]:
     """Hexagonal lattice (Visium-like) of spots whose disc is mostly tissue."""
     size = tissue.shape[0]
     row_step = pitch * np.sqrt(3) / 2

@@ -1,0 +1,13 @@
+"""The simulated data families, by ``simulate.family``: ``compartments`` (the embedded default,
+``src/data/simulation.py``) and ``cells`` (``src/data/simulation_cells.py``), built on different
+assumptions so that what is chosen on one can be scored on the other."""
+from __future__ import annotations
+
+from src.core.config import SimulateConfig
+from src.data.simulation import SimulatedSlide, simulate
+from src.data.simulation_cells import simulate_cells
+
+
+def simulate_family(cfg: SimulateConfig) -> tuple[list[tuple[str, str, SimulatedSlide]], list[str]]:
+    """All slides of ``cfg``'s family as (split, name, slide), plus the cell-type names."""
+    return simulate_cells(cfg) if cfg.family == "cells" else simulate(cfg)
