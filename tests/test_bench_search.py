@@ -18,6 +18,7 @@ def test_search_bench_scores_hand_set_and_trials_on_the_test_slide_of_both_famil
     for r in results:
         assert r.hand_set > r.floor and r.tuned > r.floor  # both recipes beat the training mean profile on the test slide
         assert r.ceiling > r.tuned and 0 < r.skill < 1
+        assert r.ceiling > r.plain > r.floor - 0.2  # the plain peer trained and was scored on the same slide
         assert r.n_complete == 3 and r.n_pruned == 0  # --replay: unpruned, every trial scored on the test slide
         assert np.isfinite(r.correlation)  # three distinct trials ranked by CV and by the test slide
         assert {x.pruner for x in r.replay} == {"wilcoxon", "median", "hyperband"}
@@ -26,3 +27,4 @@ def test_search_bench_scores_hand_set_and_trials_on_the_test_slide_of_both_famil
     assert "hand-set vs tuned recipe on the test slide (3 trials per study; defaults chosen on family compartments)" in out
     assert "compartments (defaults chosen here, 1 data sets): mean gain" in out
     assert "cells (held out, 1 data sets): mean gain" in out
+    assert "beats the plain ResNet-18" in out

@@ -11,7 +11,9 @@ too (TTA and the sigma its CV chose: what stage ``train`` would deliver for it).
 the floor, hand-set and tuned test Spearman (the tuned one is the best-CV trial's), their difference,
 the tuned recipe's skill ((test - floor) / (ceiling - floor)) and the Spearman correlation between the
 trials' CV and test scores (does the CV rank recipes as a new slide does); then per family the mean
-gain, the worst gain and the share of data sets where the tuned recipe wins. With ``--replay``, the study runs without pruning and every pruner is replayed over its
+gain, the worst gain and the share of data sets where the tuned recipe wins. A plain peer without
+search (``PLAIN_BASELINE``: a timm ResNet-18 from scratch on the whole patch, one model on every
+training spot) is scored beside them: the tuned recipe has to beat it too. With ``--replay``, the study runs without pruning and every pruner is replayed over its
 recorded fold scores (``src.pruning.replay``).
 
 Test labels are read here only: the study and its choices never see them.
@@ -28,6 +30,14 @@ from scipy.stats import spearmanr
 from src.core.config import Params, apply_overrides, params_from_dict, read_raw
 
 DEFAULTS_CHOSEN_ON = "compartments"  # the family the defaults, space and levers were chosen on
+# A peer without search: a plain timm ResNet-18 trained from scratch on the whole patch, MSE on log
+# targets, flips, flip TTA, no coordinates, no smoothing; one model on every training spot.
+PLAIN_BASELINE = [
+    "model.backbone=resnet18", "model.unfrozen_blocks=9", "model.fusion=none", "model.context=1.0",
+    "model.input_size=64", "model.neighbour_radius=0", "model.dropout=0.1", "loss.alpha=0",
+    "loss.target_transform=log", "loss.log_epsilon=1.0e-6", "train.lr_backbone=0.001", "train.lr_head=0.001",
+    "train.epochs=8", "train.feature_cache=false", "infer.tta=[identity,hflip,vflip]", "infer.smoothing_sigma=0",
+]
 
 
 @dataclass
@@ -36,6 +46,7 @@ class SeedResult:
     seed: int
     hand_set: float
     tuned: float
+    plain: float
     correlation: float
     n_complete: int
     n_pruned: int
@@ -94,6 +105,7 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
              replay: bool, log=print) -> SeedResult:
     from src.data.patch_set import load_patch_set
     from src.engine.cross_validation import cross_validate
+    from src.engine.fit import fit
     from src.engine.folds import fold_count
     from src.engine.metrics import competition_score, floor_score
     from src.search.pruning import PRUNERS
@@ -116,6 +128,10 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
     hand = cross_validate(params, train_set, keep_models=True, show_progress=False)
     hand_test = test.score(hand.models, params, params.infer.smoothing_sigma)
     log(f"{family} seed {seed}: hand-set recipe CV {hand.score:.4f}, test {hand_test:.4f}")
+    plain_params = params_from_dict(apply_overrides(raw, PLAIN_BASELINE))
+    plain = fit(plain_params, train_set, np.arange(len(train_set.spots)), show_progress=False)
+    plain_test = test.score([plain.model], plain_params, 0.0)
+    log(f"{family} seed {seed}: plain ResNet-18 test {plain_test:.4f}")
 
     def score_on_test(trial, trial_params, result) -> None:
         trial.set_user_attr("test_spearman", round(test.score(result.models, trial_params, result.sigma), 6))
@@ -133,6 +149,7 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
         n_folds = fold_count(params.cv, train_set.spots["slide"].to_numpy())
         replays = [replay_pruner(study, name, params, n_folds) for name in PRUNERS if name != "none"]
     return SeedResult(family=family, seed=seed, hand_set=hand_test, tuned=best.user_attrs["test_spearman"],
+                      plain=plain_test,
                       correlation=correlation, n_complete=len(complete),
                       n_pruned=sum(t.state.name == "PRUNED" for t in study.trials), best_trial=best.number,
                       floor=floor_score(train_set.abundance, test.truth),
@@ -147,12 +164,12 @@ def print_results(results: list[SeedResult], trials: int) -> None:
     console = Console(width=120)
     table = Table(title=f"hand-set vs tuned recipe on the test slide ({trials} trials per study; defaults "
                         f"chosen on family {DEFAULTS_CHOSEN_ON})", title_justify="left")
-    for column in ("family", "seed", "floor", "ceiling", "hand-set", "tuned", "gain", "skill", "CV-test rank corr.",
-                   "best trial", "complete / pruned", "minutes"):
+    for column in ("family", "seed", "floor", "ceiling", "hand-set", "plain ResNet-18", "tuned", "gain", "tuned - plain",
+                   "skill", "CV-test rank corr.", "best trial", "complete / pruned", "minutes"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r.family, str(r.seed), f"{r.floor:.4f}", f"{r.ceiling:.4f}", f"{r.hand_set:.4f}",
-                      f"{r.tuned:.4f}", f"{r.gain:+.4f}", f"{r.skill:.2f}", f"{r.correlation:.2f}",
+        table.add_row(r.family, str(r.seed), f"{r.floor:.4f}", f"{r.ceiling:.4f}", f"{r.hand_set:.4f}", f"{r.plain:.4f}",
+                      f"{r.tuned:.4f}", f"{r.gain:+.4f}", f"{r.tuned - r.plain:+.4f}", f"{r.skill:.2f}", f"{r.correlation:.2f}",
                       f"#{r.best_trial}", f"{r.n_complete} / {r.n_pruned}", f"{r.minutes:.1f}")
     console.print(table)
     for family in dict.fromkeys(r.family for r in results):
@@ -173,7 +190,8 @@ def family_summary(family: str, results: list[SeedResult]) -> str:
     gains = [r.gain for r in results]
     role = "defaults chosen here" if family == DEFAULTS_CHOSEN_ON else "held out"
     return (f"{family} ({role}, {len(results)} data sets): mean gain {np.mean(gains):+.4f}, worst {min(gains):+.4f}, "
-            f"tuned wins {sum(g > 0 for g in gains)} of {len(gains)}, mean skill "
+            f"tuned wins {sum(g > 0 for g in gains)} of {len(gains)}, beats the plain ResNet-18 "
+            f"{sum(r.tuned > r.plain for r in results)} of {len(results)}, mean skill "
             f"{np.mean([r.skill for r in results]):.2f}, mean CV-test rank correlation "
             f"{np.nanmean([r.correlation for r in results]):.2f}")
 
@@ -183,6 +201,10 @@ def bench_search(families: list[str], seeds: list[int], params_file: Path, overr
     results = []
     for family in families:
         for seed in seeds:
-            results.append(run_seed(family, seed, params_file, overrides, work, trials, replay))
+            r = run_seed(family, seed, params_file, overrides, work, trials, replay)
+            print(f"{family} seed {seed}: floor {r.floor:.4f} ceiling {r.ceiling:.4f} hand-set {r.hand_set:.4f} "
+                  f"plain {r.plain:.4f} tuned {r.tuned:.4f} gain {r.gain:+.4f} skill {r.skill:.2f} "
+                  f"CV-test rank corr. {r.correlation:.2f} ({r.minutes:.1f} min)", flush=True)
+            results.append(r)
     print_results(results, trials or params_from_dict(apply_overrides(read_raw(params_file), overrides)).tune.trials)
     return results
