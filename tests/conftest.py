@@ -13,6 +13,25 @@ from src.core.config import SimulateConfig
 from src.data.simulation import simulate, write_layout
 
 ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "studies/best_params.yaml", "outputs", "plots")
+
+
+def _digests() -> dict[str, str]:
+    import hashlib
+
+    files = [p for name in PIPELINE_OUTPUTS for p in sorted((ROOT / name).rglob("*") if (ROOT / name).is_dir()
+                                                            else [ROOT / name]) if p.is_file()]
+    return {str(p.relative_to(ROOT)): hashlib.blake2b(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_suite_leaves_the_pipeline_outputs_alone():
+    """No test may write into the checkout's own pipeline outputs (a stage run with its default paths)."""
+    before = _digests()
+    yield
+    after = _digests()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the tests changed the checkout's pipeline outputs: {changed}"
 TINY = SimulateConfig(seed=3, n_train=2, n_test=1, size=240, pitch=25.0, n_types=35, tissue_extent=[0.8, 1.1],
                       offsets=[[0, 0], [0, 0]])
 

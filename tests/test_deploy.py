@@ -22,6 +22,7 @@ def _tune_args(tiny_patches, tmp_path) -> list[str]:
     sets = [*FAST, "train.feature_cache=true", f"train.cache_dir={tmp_path}/cache"]
     return ["--study", "deploy", "--patches", str(tiny_patches / "patches"), "--params", str(ROOT / "params.yaml"),
             "--best-out", str(tmp_path / "best.yaml"), "--metrics", str(tmp_path / "tune.json"),
+            "--cv-per-type", str(tmp_path / "cv.csv"), "--history", str(tmp_path / "history.csv"),
             "--artifacts", str(tmp_path / "artifacts"), *[a for item in sets for a in ("--set", item)]]
 
 
