@@ -279,10 +279,16 @@ def _deconvolve(rng, cells: np.ndarray, type_class: np.ndarray, background: np.n
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(noise-free, observed) reports of a deconvolution method given each spot's cells of each type:
     leakage within a class, a positive heavy-tailed residue, multiplicative noise."""
-    observed = cells * (1 - LEAK_WITHIN_CLASS)
-    for k in np.unique(type_class):  # a class's leaked share spreads evenly over its types (itself, if alone)
+    expected = cells
+    observed = expected * (1 - LEAK_WITHIN_CLASS)
+    for k in np.unique(type_class):
         members = type_class == k
-        observed[:, members] += LEAK_WITHIN_CLASS * cells[:, members].sum(axis=1, keepdims=True) / members.sum()
-    level = (cells.sum(axis=1, keepdims=True) + 1.0) * background[None, :]
-    residue = level * np.exp(rng.normal(0.0, BACKGROUND_SPREAD_SD, cells.shape) - BACKGROUND_SPREAD_SD**2 / 2)
-    return observed + level, (observed + residue) * np.exp(rng.normal(0.0, NOISE_SD, cells.shape) - NOISE_SD**2 / 2)
+        if members.sum() > 1:
+            observed[:, members] += LEAK_WITHIN_CLASS * expected[:, members].sum(axis=1, keepdims=True) / members.sum()
+        else:
+            observed[:, members] += LEAK_WITHIN_CLASS * expected[:, members]
+    total = expected.sum(axis=1, keepdims=True) + 1.0
+    level = total * background[None, :]
+    residue = level * np.exp(rng.normal(0.0, BACKGROUND_SPREAD_SD, expected.shape) - BACKGROUND_SPREAD_SD**2 / 2)
+    noise_free = observed + level
+    return noise_free, (observed + residue) * np.exp(rng.normal(0.0, NOISE_SD, expected.shape) - NOISE_SD**2 / 2)
