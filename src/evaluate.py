@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.tune_metrics.is_file():
         raise InputError(f"{args.tune_metrics}: not found (run `python -m src.tune` or `dvc repro tune` first)")
     tune = json.loads(args.tune_metrics.read_text())
-    cv = {"cv_spearman": tune.get("best_cv_spearman"), "cv_floor_spearman": tune.get("floor_spearman")}
+    cv = {"cv_spearman": tune.get("delivered_cv_spearman", tune.get("best_cv_spearman")),
+          "cv_floor_spearman": tune.get("floor_spearman")}
     truth = Path(params.data.truth) if params.data.truth else None
     m = evaluate(args.model, args.patches, truth, cv, read_cv_per_type(args.cv_per_type),
                  args.submission, args.metrics, args.per_type, args.plots)

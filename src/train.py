@@ -1,7 +1,9 @@
-"""Stage ``train``: the delivered model of the recipe (params.yaml's, or a study's best trial with
-``--best``), written as a self-describing checkpoint.
+"""Stage ``train``: the delivered model, written as a self-describing checkpoint: params.yaml's
+recipe, a study's best trial (``--best``), or what the study delivers (``--ensemble``: its best
+trial or the ensemble of trials selected on their out-of-fold predictions, each member built as
+``train.final`` says, weighted as selected).
 
-``python -m src.train --best studies/best_params.yaml --patches data/patches --out models/model.pt``
+``python -m src.train --ensemble studies/ensemble.yaml --patches data/patches --out models/model.pt``
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from src.core.config import add_params_arguments, apply_overrides, load_params, 
 from src.core.errors import InputError, exit_on_input_error
 from src.data.patch_set import load_patch_set
 from src.engine.final_model import final_model
-from src.model.checkpoint import save_checkpoint
-from src.search.recipe import params_for_best
+from src.model.checkpoint import save_checkpoint, save_recipes
+from src.search.recipe import params_for_best, params_for_delivery
 
 
 @exit_on_input_error
@@ -26,20 +28,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("models/model.pt"), help="checkpoint to write")
     parser.add_argument("--best", type=Path, default=None,
                         help="best_params.yaml of a study: retrain its best trial (else params.yaml as is)")
+    parser.add_argument("--ensemble", type=Path, default=None,
+                        help="ensemble.yaml of a study: what it delivers (its best trial or selected ensemble)")
     add_params_arguments(parser, "train.epochs=2")
     args = parser.parse_args(argv)
-    params = load_params(args.params, args.set)
-    if args.best is not None:
-        params = params_for_best(args.best, apply_overrides(read_raw(args.params), args.set))
+    if args.best is not None and args.ensemble is not None:
+        raise InputError("--best and --ensemble: give one")
+    base_raw = apply_overrides(read_raw(args.params), args.set)
+    if args.ensemble is not None:
+        members = params_for_delivery(args.ensemble, base_raw)
+    elif args.best is not None:
+        members = [(params_for_best(args.best, base_raw), 1.0, "best trial")]
+    else:
+        members = [(load_params(args.params, args.set), 1.0, "params.yaml")]
     patch_set = load_patch_set(args.patches, "train")
     if not args.stain.is_file():
         raise InputError(f"{args.stain}: not found (run `dvc repro normalize` first)")
     stain = json.loads(args.stain.read_text())
-    model, epochs = final_model(params, patch_set)
-    save_checkpoint(args.out, model, targets=patch_set.targets, loss=params.loss, patch_size=patch_set.patch_size,
-                    infer=params.infer, stain=stain, data_digest=patch_set.digest())
-    kind = f"ensemble of {len(epochs)} fold models" if params.train.final == "ensemble" else "retrained model"
-    print(f"wrote {args.out}: {kind}, epochs {epochs}, smoothing sigma {params.infer.smoothing_sigma:g} px")
+    built = []
+    for params, weight, name in members:
+        model, epochs = final_model(params, patch_set)
+        kind = f"ensemble of {len(epochs)} fold models" if params.train.final == "ensemble" else "retrained model"
+        print(f"{name}: {kind}, epochs {epochs}, smoothing sigma {params.infer.smoothing_sigma:g} px, weight {weight:g}")
+        built.append((model, params.loss, params.infer, weight))
+    shared = {"targets": patch_set.targets, "patch_size": patch_set.patch_size, "stain": stain,
+              "data_digest": patch_set.digest()}
+    if len(built) == 1:
+        model, loss, infer, _ = built[0]
+        save_checkpoint(args.out, model, loss=loss, infer=infer, **shared)
+    else:
+        save_recipes(args.out, built, **shared)
+    print(f"wrote {args.out}: {len(built)} recipe{'s' if len(built) > 1 else ''}")
 
 
 if __name__ == "__main__":

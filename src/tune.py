@@ -29,8 +29,9 @@ from src.data.patch_set import load_patch_set
 from src.search.display import print_summary
 from src.search.objective import INTERRUPT
 from src.search.outputs import StageOutputs, trial_counts, write_outputs
+from src.search.selection import describe_selection, select
 from src.search.space import parse_space
-from src.search.storage import fail_running_trials
+from src.search.storage import create_storage, fail_running_trials
 from src.search.study import ARTIFACT_DIR, DEFAULT_STORAGE, STUDIES_DIR, load_existing_study, run_study
 
 
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store")
     parser.add_argument("--best-out", type=Path, default=STUDIES_DIR / "best_params.yaml")
+    parser.add_argument("--ensemble-out", type=Path, default=STUDIES_DIR / "ensemble.yaml",
+                        help="what stage train delivers: the best trial or the selected ensemble of trials")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/tune.json"))
     parser.add_argument("--cv-per-type", type=Path, default=Path("metrics/cv_per_type.csv"),
                         help="the best trial's out-of-fold Spearman per cell type (CSV)")
@@ -93,7 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     print_summary(study)
     if trial_counts(study)["complete"] == 0:
         raise InputError(f"study {study_name!r}: no trial completed, so there is no best recipe")
-    write_outputs(study, patch_set.targets, StageOutputs(args.best_out, args.metrics, args.cv_per_type, args.history))
+    selection = select(study, create_storage(storage, params.tune.heartbeat_s),
+                       shared_path(args.artifacts), patch_set, base_raw,
+                       params.tune.ensemble_size)
+    print(describe_selection(selection))
+    write_outputs(study, patch_set.targets, StageOutputs(args.best_out, args.metrics, args.cv_per_type, args.history,
+                                                         args.ensemble_out), selection)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ FAST = [  # shrink the project's recipe for tests: tiny backbone and input, one 
     "model.backbone=resnet10t", "model.input_size=32", "model.unfrozen_blocks=1", "model.hidden=64",
     "model.coord_dim=16", "train.epochs=1", "train.batch_size=16", "infer.batch_size=64",
     "infer.tta=[identity, hflip]", "cv.n_folds=2", "train.feature_cache=false", "model.context=1.0",
+    "pretrain.epochs=0",  # tests/test_pretraining.py trains backbones, in its own cache folders
     # the space around that recipe: 32-px patches, one epoch
     "tune.space.model.context={choices: [1.0, 0.5]}", "tune.space.train.epochs={low: 1, high: 2}",
 ]

@@ -15,6 +15,7 @@ SMALL = {  # tiny slides, backbone and patches: a whole `dvc repro` in about a m
     "patches": {"size": 32},
     "model": {"backbone": "resnet10t", "input_size": 32, "context": 1.0, "unfrozen_blocks": 1, "hidden": 64},
     "train": {"epochs": 1, "batch_size": 16},
+    "pretrain": {"epochs": 1},
     "cv": {"n_folds": 2},
     "infer": {"tta": ["identity", "hflip"]},
     "tune": {"trials": 2},

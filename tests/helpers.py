@@ -1,4 +1,4 @@
-"""Small helpers shared by tests that talk to local servers."""
+"""Small helpers shared by tests: local servers, and checkpoints written as earlier versions did."""
 from __future__ import annotations
 
 import socket
@@ -37,3 +37,10 @@ def start_dashboard(storage: str, artifact_dir: Path) -> tuple[subprocess.Popen,
             time.sleep(0.2)
     proc.terminate()
     raise RuntimeError("optuna-dashboard did not answer within 30 s")
+
+
+def format3(payload: dict) -> dict:
+    """A one-recipe checkpoint payload as format 3 wrote it: the recipe's fields at the top level."""
+    (recipe,) = payload["recipes"]
+    shared = {k: v for k, v in payload.items() if k != "recipes"}
+    return {**shared, **{k: v for k, v in recipe.items() if k != "weight"}, "format": 3}

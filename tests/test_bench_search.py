@@ -1,5 +1,6 @@
 """``python -m src.bench search`` end to end on tiny simulated slides: data built by the stage entry
-points, the hand-set recipe and every complete trial scored on the test slide, the table printed."""
+points, the hand-set recipe and every complete trial scored on the test slide, what train would
+deliver scored from those predictions, the table printed, a rerun scored without training."""
 import numpy as np
 import pytest
 
@@ -23,8 +24,18 @@ def test_search_bench_scores_hand_set_and_trials_on_the_test_slide_of_both_famil
         assert np.isfinite(r.correlation)  # three distinct trials ranked by CV and by the test slide
         assert {x.pruner for x in r.replay} == {"wilcoxon", "median", "hyperband"}
         assert (tmp_path / f"{r.family}-seed3" / "patches" / "meta.json").is_file()  # rerunning reuses the data
+        d = r.delivered
+        assert d.budget == 3 and d.delivered in ("single", "ensemble") and 1 <= d.members <= 3
+        assert d.delivered_test == (d.ensemble_test if d.delivered == "ensemble" else d.best_trial_test)
+        assert d.best_trial_test == pytest.approx(r.tuned, abs=1e-6)  # the saved predictions score as the trial did
+        assert r.gain == pytest.approx(d.delivered_test - r.hand_set)
     out = capsys.readouterr().out
-    assert "hand-set vs tuned recipe on the test slide (3 trials per study; defaults chosen on family compartments)" in out
+    assert ("hand-set recipe vs what the search delivers, on the test slide (3 trials per study; defaults chosen on "
+            "family compartments)") in out
     assert "compartments (defaults chosen here, 1 data sets): mean gain" in out
     assert "cells (held out, 1 data sets): mean gain" in out
     assert "beats the plain ResNet-18" in out
+
+    again = bench_search(["cells"], [3], ROOT / "params.yaml", [*TINY_DATA, *FAST, "train.epochs=2"], tmp_path,
+                         trials=3, replay=True)  # the finished study, its predictions and the peer are reused
+    assert again[0].delivered == results[1].delivered and again[0].plain == results[1].plain

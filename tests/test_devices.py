@@ -59,11 +59,12 @@ def test_setup_check_passes_on_a_cpu(monkeypatch, capsys):
 
 def test_a_strongly_downsampled_context_is_reported():
     prep = Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=64)
-    with pytest.warns(DownsamplingWarning, match="model.input_size = 64 shrinks the 224-px context 3.5x"):
-        build_transform(prep, 224, None)
+    with pytest.warns(DownsamplingWarning, match="model.input_size = 64 shrinks the 400-px context 6.2x"):
+        build_transform(prep, 400, None)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", DownsamplingWarning)
         build_transform(prep, 96, None)  # 1.5x: a searched scale, not a surprise
+        build_transform(Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=32), 96, None)  # the default, 3x
         build_transform(Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=224), 224, None)

@@ -65,9 +65,13 @@ def test_every_experiment_shows_its_metrics_and_tuned_recipe(experiments):
         for key in ("cv_spearman", "test_spearman", "floor_spearman", "skill"):
             assert isinstance(evaluate[key], float), (name, key)
         tune = data["metrics"]["metrics/tune.json"]["data"]
-        assert tune["study"].startswith("default-") and tune["best_cv_spearman"] == evaluate["cv_spearman"]
+        assert tune["study"].startswith("default-") and tune["delivered_cv_spearman"] == evaluate["cv_spearman"]
         best = data["params"]["studies/best_params.yaml"]["data"]
         assert best["study"] == tune["study"] and set(best["params"]) >= {"loss.alpha", "model.fusion"}
+        # which was delivered, the best trial or an ensemble of trials, is a column of its own
+        assert best["delivered"] == tune["delivered"] and best["delivered"].startswith(("best trial", "ensemble"))
+        assert tune["delivered_members"] == (1 if best["delivered"].startswith("best trial") else
+                                             best["delivered"].count("("))
     assert rows["alpha05"]["params"]["params.yaml"]["data"]["loss"]["alpha"] == 0.5
     assert rows["q-epochs2"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
 
@@ -90,10 +94,16 @@ def test_queued_experiments_keep_their_studies_and_share_one_feature_cache(exper
         assert name in [e["name"] for e in study.user_attrs["dvc_experiments"]], name
         assert any(t.user_attrs.get("dvc_experiment") == name for t in study.trials), name
     assert len(studies) >= 1 + len(DIRECT) + len(QUEUED)  # the baseline's and one per changed recipe
-    # Every run, queued ones included, read the one cache folder: one cache per cut and context the
-    # trials used, each built once, all of the same data, backbone and variants.
+    # Every run, queued ones included, read the one cache folder. No experiment changed what the
+    # backbone's pretraining depends on, so all share one backbone per fold (2 folds), and one feature
+    # cache per cut, context and fold backbone, each built once, all of the same data and variants.
+    assert len(list((path / "cache" / "features" / "backbones").glob("*.pt"))) == 2
     keys = [json.loads(m.read_text())["key"] for m in (path / "cache" / "features").glob("*/meta.json")]
-    assert keys and len({(k["cut"], k["context"]) for k in keys}) == len(keys), keys
+    assert keys and len({(k["cut"], k["context"], k["weights"]) for k in keys}) == len(keys), keys
+    per_cut = {}
+    for k in keys:
+        per_cut.setdefault((k["cut"], k["context"]), set()).add(k["weights"])
+    assert all(len(weights) <= 2 for weights in per_cut.values()), per_cut
     assert len({json.dumps({f: v for f, v in k.items() if f not in ("cut", "context", "weights")}, sort_keys=True)
                 for k in keys}) == 1, keys
     assert not list((path / ".dvc" / "tmp" / "exps").glob("*/studies/*.db"))  # nothing left in the copies

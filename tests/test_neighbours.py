@@ -16,6 +16,7 @@ from src.model.checkpoint import load_checkpoint, save_checkpoint
 from src.model.neighbours import neighbour_mean, spot_inputs
 from src.model.network import Ensemble, SpatialCellModel
 from tests.conftest import fast_params
+from tests.helpers import format3
 
 CPU = torch.device("cpu")
 
@@ -125,7 +126,7 @@ def test_checkpoint_from_before_neighbour_aggregation_loads(train_set, tmp_path)
     model = fit(params, train_set, np.arange(len(train_set.spots))[::3], show_progress=False).model
     save_checkpoint(tmp_path / "m.pt", model, targets=train_set.targets, loss=params.loss,
                     patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"})
-    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload = format3(torch.load(tmp_path / "m.pt", weights_only=True))
     del payload["model_config"]["neighbour_radius"]
     torch.save(payload, tmp_path / "old.pt")
     loaded, _ = load_checkpoint(tmp_path / "old.pt")

@@ -17,6 +17,7 @@ from src.evaluate import evaluate
 from src.model.checkpoint import load_checkpoint, save_checkpoint
 from src.model.network import Ensemble, SpatialCellModel
 from tests.conftest import fast_params, read_layout, write_datasets
+from tests.helpers import format3
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +166,17 @@ def test_a_checkpoint_describes_itself_and_refuses_what_it_cannot_rebuild(train_
     torch.save({**payload, "format": FORMAT + 1}, tmp_path / "newer.pt")
     with pytest.raises(InputError, match=f"checkpoint format {FORMAT + 1} is newer than this code reads"):
         load_checkpoint(tmp_path / "newer.pt")
-    torch.save({**payload, "preprocessing": {**payload["preprocessing"], "mean": [0.5, 0.5, 0.5]}},
+    recipe = payload["recipes"][0]
+    torch.save({**payload, "recipes": [{**recipe, "preprocessing": {**recipe["preprocessing"], "mean": [0.5] * 3}}]},
                tmp_path / "other_prep.pt")
     with pytest.raises(InputError, match="the model was trained on preprocessing"):
         load_checkpoint(tmp_path / "other_prep.pt")
     rows = _all(train_set)[:6]
     expected = predict(result.model, train_set, rows, ["identity"])
+    payload = format3(payload)  # format 3: one recipe at the top level, still read
+    torch.save(payload, tmp_path / "format3.pt")
+    np.testing.assert_array_equal(predict(load_checkpoint(tmp_path / "format3.pt")[0], train_set, rows, ["identity"]),
+                                  expected)
     px = round(prep.context * train_set.patch_size)  # format 2: model.context in px, still read
     torch.save({**payload, "format": 2, "model_config": {**payload["model_config"], "context": px},
                 "preprocessing": {**payload["preprocessing"], "context": px}}, tmp_path / "format2.pt")

@@ -402,11 +402,16 @@ def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_s
     from src.model.checkpoint import load_checkpoint, save_checkpoint
     from src.search.outputs import StageOutputs, write_outputs
     from src.search.recipe import params_for_best
+    from src.search.selection import select
+    from src.search.storage import create_storage
 
     raw = base_raw("tune.pruner=none", "tune.sigma_grid=[0.0, 25.0, 50.0]")
     study = _study(tmp_path, raw, 2, train_set)
-    out = StageOutputs(tmp_path / "best.yaml", tmp_path / "tune.json", tmp_path / "cv.csv", tmp_path / "h.csv")
-    write_outputs(study, train_set.targets, out)
+    out = StageOutputs(tmp_path / "best.yaml", tmp_path / "tune.json", tmp_path / "cv.csv", tmp_path / "h.csv",
+                       tmp_path / "ensemble.yaml")
+    selection = select(study, create_storage(f"sqlite:///{tmp_path}/s.db", 60), tmp_path / "artifacts", train_set,
+                       raw, rounds=0)
+    write_outputs(study, train_set.targets, out, selection)
     record = yaml.safe_load(out.best_params.read_text())
     assert record["smoothing_sigma"] == study.best_trial.user_attrs["smoothing_sigma"] in (0.0, 25.0, 50.0)
     params = params_for_best(out.best_params, raw)

@@ -1,6 +1,6 @@
-"""Benchmarks that print figures: ``python -m src.bench stain``, ``trial``, ``study``, ``data``, ``search``
-and ``scale`` (each described in its module: ``src.bench.stain``, ``trial``, ``study``, ``data``,
-``search``, ``scale``).
+"""Benchmarks that print figures: ``python -m src.bench stain``, ``trial``, ``study``, ``data``, ``search``,
+``capacity`` and ``scale`` (each described in its module: ``src.bench.stain``, ``trial``, ``study``,
+``data``, ``search``, ``capacity``, ``scale``).
 """
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     search.add_argument("--params", type=Path, default=Path("params.yaml"))
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for every seed (repeatable)")
+    capacity = sub.add_parser("capacity", help="one CV fold per backbone recipe: score and time")
+    capacity.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store (default data/patches)")
+    capacity.add_argument("--fold", type=int, default=0, help="which training slide is held out (default 0)")
+    capacity.add_argument("--cache-dir", default="cache/bench-capacity", help="feature cache and backbones folder")
+    capacity.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override params for every recipe (repeatable)")
     study = sub.add_parser("study", help="a whole study cached vs uncached, and a cached trial's profile")
     study.add_argument("--trials", type=int, default=3, help="trials per study (default 3)")
     study.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store (default data/patches)")
@@ -60,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
 
         scales = [tuple(int(v) for v in text.split("x")) for text in args.scales]
         print_scale(bench_scale(scales, args.work, args.set))
+    elif args.what == "capacity":
+        from src.bench.capacity import bench_capacity, print_capacity
+
+        print_capacity(bench_capacity(args.patches, args.fold, args.set, args.cache_dir))
     elif args.what == "study":
         from src.bench.study import bench_study, print_study
 

@@ -1,27 +1,36 @@
-"""``python -m src.bench search``: does the search beat the hand-set recipe on a new slide?
+"""``python -m src.bench search``: does what the search delivers beat the hand-set recipe on a new slide?
 
 For each simulated data family (``simulate.family``: ``compartments``, the embedded default on which
 the defaults and the search space were chosen, and ``cells``, held out: built on other assumptions and
 never tuned on) and each ``simulate.seed`` (another data set with a truth file), in a work folder of
-its own: simulate, normalize and cut patches; run the hand-set
-params.yaml recipe as stage ``train`` delivers it (the fold models of its CV, averaged, smoothed with
-its own ``infer.smoothing_sigma``) and score it on the test slide; run a study of ``tune.trials``
-trials exactly as stage ``tune`` does, and score every complete trial's fold models on the test slide
-too (TTA and the sigma its CV chose: what stage ``train`` would deliver for it). Printed per data set:
-the floor, hand-set and tuned test Spearman (the tuned one is the best-CV trial's), their difference,
-the tuned recipe's skill ((test - floor) / (ceiling - floor)) and the Spearman correlation between the
-trials' CV and test scores (does the CV rank recipes as a new slide does); then per family the mean
-gain, the worst gain and the share of data sets where the tuned recipe wins. A plain peer without
-search (``PLAIN_BASELINE``: a timm ResNet-18 from scratch on the whole patch, one model on every
-training spot) is scored beside them: the tuned recipe has to beat it too. With ``--replay``, the study runs without pruning and every pruner is replayed over its
-recorded fold scores (``src.pruning.replay``).
+its own: simulate, normalize and cut patches; run a study of ``tune.trials`` trials exactly as stage
+``tune`` does and score every complete trial's fold models on the test slide (TTA and the sigma its
+CV chose), the first trial being the hand-set params.yaml recipe (scored with params.yaml's own
+``infer.smoothing_sigma``, as stage ``train`` delivers it). Then what stage ``train`` would deliver
+(``src.search.selection``: the best trial, or the ensemble selected over the trials where the nested
+CV prefers it) is scored from those predictions, after the first 8, 16, 40, 100 finished trials
+the study reached and at its end. A plain peer without search (``PLAIN_BASELINE``: a timm ResNet-18
+from scratch on the whole patch, one model on every training spot) is scored beside them: what the
+search delivers has to beat it too.
+
+Printed per data set: floor, ceiling, hand-set, plain peer, best trial, ensemble, delivered, the gain
+(delivered - hand-set), delivered - plain, skill ((test - floor) / (ceiling - floor)) and the
+Spearman correlation between the trials' CV and test scores (does the CV rank recipes as a new slide
+does); per family the mean and worst gain, how often the delivered recipe beats the hand-set and the
+plain peer, and what ensembling added; and per budget the best trial's CV (the maximum of noisy
+scores), the nested CV of the delivered choice and the test. Work folders keep every trial's test
+predictions (``test_views/``), the plain peer's score (``reference.json``) and the row
+(``result.json``), so a rerun scores a finished study again without training it. With ``--replay``,
+the study runs without pruning and every pruner is replayed over its recorded fold scores
+(``src.search.pruning.replay``).
 
 Test labels are read here only: the study and its choices never see them.
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +46,27 @@ PLAIN_BASELINE = [
     "model.input_size=64", "model.neighbour_radius=0", "model.dropout=0.1", "loss.alpha=0",
     "loss.target_transform=log", "loss.log_epsilon=1.0e-6", "train.lr_backbone=0.001", "train.lr_head=0.001",
     "train.epochs=8", "train.feature_cache=false", "infer.tta=[identity,hflip,vflip]", "infer.smoothing_sigma=0",
+    "pretrain.epochs=0",
 ]
+
+
+BUDGETS = (8, 16, 40, 100)  # finished trials at which the delivered recipe is also scored (a study's prefix)
+
+
+@dataclass
+class Delivery:
+    """What stage ``train`` delivers after the first ``budget`` finished trials, scored on the test slide."""
+    budget: int
+    best_trial: int
+    best_trial_test: float  # the best-CV trial
+    cv_best_trial: float
+    ensemble_test: float  # the ensemble selected over the complete trials
+    cv_ensemble: float
+    nested_single: float
+    nested_ensemble: float
+    members: int
+    delivered: str  # "ensemble" or "single": the nested CV's choice
+    delivered_test: float
 
 
 @dataclass
@@ -54,15 +83,21 @@ class SeedResult:
     floor: float
     ceiling: float
     minutes: float
+    deliveries: list[Delivery] = field(default_factory=list)  # at each budget; the last is the whole study
     replay: list = field(default_factory=list)
 
     @property
+    def delivered(self) -> Delivery:
+        return self.deliveries[-1]
+
+    @property
     def gain(self) -> float:
-        return self.tuned - self.hand_set
+        """What the pipeline delivers after the search, against the hand-set recipe."""
+        return self.delivered.delivered_test - self.hand_set
 
     @property
     def skill(self) -> float:
-        return (self.tuned - self.floor) / (self.ceiling - self.floor)
+        return (self.delivered.delivered_test - self.floor) / (self.ceiling - self.floor)
 
 
 def build_data(raw_params: Path, folder: Path, overrides: list[str]) -> None:
@@ -89,16 +124,93 @@ class TestSlide:
         self.truth, self.expected = read_truth(folder / "simulated_truth.h5", self.patch_set.spots,
                                                self.patch_set.targets)
 
-    def score(self, models: list, params: Params, sigma: float) -> float:
-        """Test Spearman of the fold models averaged, with TTA and smoothing at ``sigma``."""
+    def view(self, models: list, params: Params, sigma: float) -> np.ndarray:
+        """The fold models averaged, with TTA and smoothing at ``sigma``, as within-spot ranks."""
         from dataclasses import replace
 
+        from src.engine.ensemble_selection import rank_view
         from src.engine.inference import predict_smoothed
-        from src.engine.metrics import competition_score
         from src.model.network import Ensemble
 
         infer = replace(params.infer, smoothing_sigma=sigma)
-        return competition_score(predict_smoothed(Ensemble(models), self.patch_set, infer), self.truth)
+        return rank_view(predict_smoothed(Ensemble(models), self.patch_set, infer))
+
+    def score(self, models: list, params: Params, sigma: float) -> float:
+        """Test Spearman of the fold models averaged, with TTA and smoothing at ``sigma``."""
+        return self.score_view(self.view(models, params, sigma))
+
+    def score_view(self, view: np.ndarray) -> float:
+        from src.engine.metrics import competition_score
+
+        return competition_score(view, self.truth)
+
+
+class TrialTestViews:
+    """Every complete trial's test-slide predictions (rank views), kept in ``folder/test_views`` as the
+    study runs; a trial whose view is missing (a study run before) is rerun from its params."""
+
+    def __init__(self, folder: Path, test: TestSlide, train_set, base_raw: dict):
+        self.folder, self.test, self.train_set, self.base_raw = folder / "test_views", test, train_set, base_raw
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, number: int) -> Path:
+        return self.folder / f"trial{number}.npy"
+
+    def save(self, number: int, view: np.ndarray) -> None:
+        np.save(self.path(number), view)
+
+    def get(self, trial) -> np.ndarray:
+        if not self.path(trial.number).is_file():
+            from src.engine.cross_validation import cross_validate
+            from src.search.recipe import params_for_trial
+
+            params = params_for_trial(trial.params, trial.user_attrs.get("smoothing_sigma"), self.base_raw,
+                                      f"trial {trial.number}")
+            result = cross_validate(params, self.train_set, keep_models=True, show_progress=False)
+            self.save(trial.number, self.test.view(result.models, params, result.sigma))
+        return np.load(self.path(trial.number))
+
+
+def score_deliveries(study, storage, folder: Path, train_set, raw: dict, views: TrialTestViews, log=print
+                     ) -> list[Delivery]:
+    """What train would deliver at each budget of ``BUDGETS`` the study reached and at its full size."""
+    from src.engine.ensemble_selection import combine
+    from src.search.selection import select
+
+    finished = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    rounds = params_from_dict(raw).tune.ensemble_size
+    out = []
+    for budget in [b for b in BUDGETS if b < finished] + [finished]:
+        chosen = select(study, storage, folder / "artifacts", train_set, raw, rounds, budget)
+        by_number = {t.number: t for t in study.trials}
+
+        def test_of(members) -> float:
+            member_views = [views.get(by_number[m.trial]) for m in members]
+            return views.test.score_view(combine(member_views, np.array([m.weight for m in members])))
+
+        best_number = chosen.best_trial
+        best_test = views.test.score_view(views.get(by_number[best_number]))
+        ensemble_test = test_of(chosen.ensemble)
+        out.append(Delivery(
+            budget=budget, best_trial=best_number, best_trial_test=best_test, cv_best_trial=chosen.cv_best_trial,
+            ensemble_test=ensemble_test, cv_ensemble=chosen.cv_ensemble, nested_single=chosen.nested.single,
+            nested_ensemble=chosen.nested.ensemble, members=len(chosen.ensemble), delivered=chosen.delivered,
+            delivered_test=ensemble_test if chosen.delivered == "ensemble" else best_test))
+        d = out[-1]
+        log(f"  {budget} trials: best trial #{d.best_trial} CV {d.cv_best_trial:.4f} test {d.best_trial_test:.4f}; "
+            f"ensemble of {d.members} OOF {d.cv_ensemble:.4f} test {d.ensemble_test:.4f}; nested single "
+            f"{d.nested_single:.4f} ensemble {d.nested_ensemble:.4f} -> {d.delivered}")
+    return out
+
+
+def reference_scores(folder: Path, compute) -> dict:
+    """The plain peer's test score on a data set, computed once (``folder/reference.json``)."""
+    path = folder / "reference.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    scores = compute()
+    path.write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
 
 
 def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], work: Path, trials: int | None,
@@ -110,6 +222,7 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
     from src.engine.metrics import competition_score, floor_score
     from src.search.pruning import PRUNERS
     from src.search.pruning import replay as replay_pruner
+    from src.search.storage import create_storage
     from src.search.study import run_study
 
     start = time.perf_counter()
@@ -125,20 +238,38 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
     train_set = load_patch_set(folder / "patches", "train")
     test = TestSlide(folder)
 
-    hand = cross_validate(params, train_set, keep_models=True, show_progress=False)
-    hand_test = test.score(hand.models, params, params.infer.smoothing_sigma)
-    log(f"{family} seed {seed}: hand-set recipe CV {hand.score:.4f}, test {hand_test:.4f}")
-    plain_params = params_from_dict(apply_overrides(raw, PLAIN_BASELINE))
-    plain = fit(plain_params, train_set, np.arange(len(train_set.spots)), show_progress=False)
-    plain_test = test.score([plain.model], plain_params, 0.0)
-    log(f"{family} seed {seed}: plain ResNet-18 test {plain_test:.4f}")
+    def plain_peer() -> dict:
+        plain_params = params_from_dict(apply_overrides(raw, PLAIN_BASELINE))
+        plain = fit(plain_params, train_set, np.arange(len(train_set.spots)), show_progress=False)
+        plain_test = test.score([plain.model], plain_params, 0.0)
+        log(f"{family} seed {seed}: plain ResNet-18 test {plain_test:.4f}")
+        return {"plain_test": plain_test}
+
+    reference = reference_scores(folder, plain_peer)
+    views = TrialTestViews(folder, test, train_set, raw)
 
     def score_on_test(trial, trial_params, result) -> None:
-        trial.set_user_attr("test_spearman", round(test.score(result.models, trial_params, result.sigma), 6))
+        view = test.view(result.models, trial_params, result.sigma)
+        views.save(trial.number, view)
+        trial.set_user_attr("test_spearman", round(test.score_view(view), 6))
+        if trial.user_attrs.get("hand_set"):  # as stage train delivers it: params.yaml's own sigma
+            hand_test = test.score(result.models, trial_params, trial_params.infer.smoothing_sigma)
+            trial.set_user_attr("hand_set_test", round(hand_test, 6))
+            log(f"{family} seed {seed}: hand-set recipe CV {result.score:.4f} (sigma {result.sigma:g}), test "
+                f"{hand_test:.4f} (params.yaml's sigma {trial_params.infer.smoothing_sigma:g})")
 
     n_trials = trials or params.tune.trials
-    study = run_study(raw, train_set, n_trials, f"bench-{family}-seed{seed}", f"sqlite:///{folder / 'study.db'}",
+    storage_url = f"sqlite:///{folder / 'study.db'}"
+    study = run_study(raw, train_set, n_trials, f"bench-{family}-seed{seed}", storage_url,
                       artifact_dir=folder / "artifacts", live=False, log=log, after_cv=score_on_test)
+    deliveries = score_deliveries(study, create_storage(storage_url, params.tune.heartbeat_s), folder, train_set,
+                                  raw, views, log)
+    hand_trials = [t for t in study.trials if "hand_set_test" in t.user_attrs]
+    if hand_trials:
+        hand_test = hand_trials[0].user_attrs["hand_set_test"]
+    else:  # a study run before the hand-set trial recorded it
+        hand = cross_validate(params, train_set, keep_models=True, show_progress=False)
+        hand_test = test.score(hand.models, params, params.infer.smoothing_sigma)
     complete = [t for t in study.trials if t.state.name == "COMPLETE" and "test_spearman" in t.user_attrs]
     best = study.best_trial
     cv = [t.value for t in complete]
@@ -148,32 +279,40 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
     if replay:
         n_folds = fold_count(params.cv, train_set.spots["slide"].to_numpy())
         replays = [replay_pruner(study, name, params, n_folds) for name in PRUNERS if name != "none"]
-    return SeedResult(family=family, seed=seed, hand_set=hand_test, tuned=best.user_attrs["test_spearman"],
-                      plain=plain_test,
+    result = SeedResult(family=family, seed=seed, hand_set=hand_test,
+                      tuned=best.user_attrs.get("test_spearman", deliveries[-1].best_trial_test),
+                      plain=reference["plain_test"], deliveries=deliveries,
                       correlation=correlation, n_complete=len(complete),
                       n_pruned=sum(t.state.name == "PRUNED" for t in study.trials), best_trial=best.number,
                       floor=floor_score(train_set.abundance, test.truth),
                       ceiling=competition_score(test.expected, test.truth),
                       minutes=(time.perf_counter() - start) / 60, replay=replays)
+    (folder / "result.json").write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+    return result
 
 
 def print_results(results: list[SeedResult], trials: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=120)
-    table = Table(title=f"hand-set vs tuned recipe on the test slide ({trials} trials per study; defaults "
-                        f"chosen on family {DEFAULTS_CHOSEN_ON})", title_justify="left")
-    for column in ("family", "seed", "floor", "ceiling", "hand-set", "plain ResNet-18", "tuned", "gain", "tuned - plain",
-                   "skill", "CV-test rank corr.", "best trial", "complete / pruned", "minutes"):
+    console = Console(width=160)
+    table = Table(title=f"hand-set recipe vs what the search delivers, on the test slide ({trials} trials per study; "
+                        f"defaults chosen on family {DEFAULTS_CHOSEN_ON})", title_justify="left")
+    for column in ("family", "seed", "floor", "ceiling", "hand-set", "plain ResNet-18", "best trial", "ensemble",
+                   "delivered", "gain", "delivered - plain", "skill", "CV-test rank corr.", "complete / pruned",
+                   "minutes"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r.family, str(r.seed), f"{r.floor:.4f}", f"{r.ceiling:.4f}", f"{r.hand_set:.4f}", f"{r.plain:.4f}",
-                      f"{r.tuned:.4f}", f"{r.gain:+.4f}", f"{r.tuned - r.plain:+.4f}", f"{r.skill:.2f}", f"{r.correlation:.2f}",
-                      f"#{r.best_trial}", f"{r.n_complete} / {r.n_pruned}", f"{r.minutes:.1f}")
+        d = r.delivered
+        table.add_row(r.family, str(r.seed), f"{r.floor:.4f}", f"{r.ceiling:.4f}", f"{r.hand_set:.4f}",
+                      f"{r.plain:.4f}", f"{d.best_trial_test:.4f} (#{d.best_trial})",
+                      f"{d.ensemble_test:.4f} ({d.members})", f"{d.delivered_test:.4f} ({d.delivered})",
+                      f"{r.gain:+.4f}", f"{d.delivered_test - r.plain:+.4f}", f"{r.skill:.2f}",
+                      f"{r.correlation:.2f}", f"{r.n_complete} / {r.n_pruned}", f"{r.minutes:.1f}")
     console.print(table)
     for family in dict.fromkeys(r.family for r in results):
         console.print(family_summary(family, [r for r in results if r.family == family]))
+    print_budgets(console, results)
     replays = [(f"{r.family} {r.seed}", x) for r in results for x in r.replay]
     if replays:
         table = Table(title="pruners replayed over the unpruned studies' fold scores", title_justify="left")
@@ -186,12 +325,32 @@ def print_results(results: list[SeedResult], trials: int) -> None:
         console.print(table)
 
 
+def print_budgets(console, results: list[SeedResult]) -> None:
+    """Per budget: the best trial's CV (biased upward), the nested CV of what is delivered, the test."""
+    from rich.table import Table
+
+    table = Table(title="by budget (a study's first N finished trials): the best CV, the nested CV of the "
+                        "delivered choice, and the test", title_justify="left")
+    for column in ("family", "seed", "trials", "best-trial CV", "best-trial test", "ensemble OOF", "ensemble test",
+                   "nested single / ensemble", "delivered", "delivered test"):
+        table.add_column(column, justify="right")
+    for r in results:
+        for d in r.deliveries:
+            table.add_row(r.family, str(r.seed), str(d.budget), f"{d.cv_best_trial:.4f}", f"{d.best_trial_test:.4f}",
+                          f"{d.cv_ensemble:.4f}", f"{d.ensemble_test:.4f}",
+                          f"{d.nested_single:.4f} / {d.nested_ensemble:.4f}", d.delivered, f"{d.delivered_test:.4f}")
+    console.print(table)
+
+
 def family_summary(family: str, results: list[SeedResult]) -> str:
     gains = [r.gain for r in results]
+    ensemble_minus_best = [r.delivered.ensemble_test - r.delivered.best_trial_test for r in results]
     role = "defaults chosen here" if family == DEFAULTS_CHOSEN_ON else "held out"
     return (f"{family} ({role}, {len(results)} data sets): mean gain {np.mean(gains):+.4f}, worst {min(gains):+.4f}, "
-            f"tuned wins {sum(g > 0 for g in gains)} of {len(gains)}, beats the plain ResNet-18 "
-            f"{sum(r.tuned > r.plain for r in results)} of {len(results)}, mean skill "
+            f"delivered beats hand-set {sum(g > 0 for g in gains)} of {len(gains)}, beats the plain ResNet-18 "
+            f"{sum(r.delivered.delivered_test > r.plain for r in results)} of {len(results)}; ensemble - best trial "
+            f"on the test {np.mean(ensemble_minus_best):+.4f}, ensemble delivered "
+            f"{sum(r.delivered.delivered == 'ensemble' for r in results)} of {len(results)}; mean skill "
             f"{np.mean([r.skill for r in results]):.2f}, mean CV-test rank correlation "
             f"{np.nanmean([r.correlation for r in results]):.2f}")
 
@@ -203,7 +362,8 @@ def bench_search(families: list[str], seeds: list[int], params_file: Path, overr
         for seed in seeds:
             r = run_seed(family, seed, params_file, overrides, work, trials, replay)
             print(f"{family} seed {seed}: floor {r.floor:.4f} ceiling {r.ceiling:.4f} hand-set {r.hand_set:.4f} "
-                  f"plain {r.plain:.4f} tuned {r.tuned:.4f} gain {r.gain:+.4f} skill {r.skill:.2f} "
+                  f"plain {r.plain:.4f} best trial {r.tuned:.4f} delivered {r.delivered.delivered_test:.4f} "
+                  f"({r.delivered.delivered}) gain {r.gain:+.4f} skill {r.skill:.2f} "
                   f"CV-test rank corr. {r.correlation:.2f} ({r.minutes:.1f} min)", flush=True)
             results.append(r)
     print_results(results, trials or params_from_dict(apply_overrides(read_raw(params_file), overrides)).tune.trials)

@@ -145,6 +145,16 @@ class CVConfig(Section, key="cv"):
 
 
 @dataclass(frozen=True)
+class PretrainConfig(Section, key="pretrain"):
+    epochs: Annotated[int, AtLeast(0)]  # the whole backbone's own training on each CV fold's training spots,
+    # before the trials fine-tune its last blocks (src.engine.pretraining); 0 = off
+    lr: Annotated[float, Above(0)]  # its AdamW learning rate (backbone and a small head)
+    weight_decay: Annotated[float, AtLeast(0)]  # its AdamW weight decay
+    context: Annotated[float, Within(0.05, 1.0)]  # share of the patch edge it sees
+    log_epsilon: Annotated[float, Above(0)]  # its target: MSE on log(abundance + this)
+
+
+@dataclass(frozen=True)
 class InferConfig(Section, key="infer"):
     tta: Annotated[list[Dihedral], Length(-1, "transforms")]  # dihedral transforms averaged at inference
     smoothing_sigma: Annotated[float, AtLeast(0)]  # Gaussian smoothing over neighbouring spots, px; 0 = off
@@ -165,6 +175,8 @@ class TuneConfig(Section, key="tune"):
     warm_start: Annotated[int, AtLeast(0)]  # a new study first runs this many best recipes of earlier studies; 0 = off
     timeout_s: Annotated[float, AtLeast(0)]  # stop starting new trials after this many seconds; 0 = no limit
     heartbeat_s: Annotated[int, AtLeast(1)]  # RDB heartbeat interval; a trial silent for 2x this is failed and retried
+    ensemble_size: Annotated[int, AtLeast(0)]  # rounds of ensemble selection over complete trials (src.search.selection);
+    # the ensemble is delivered where the nested CV scores it above the best trial; 0 = always the best trial
     space: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> field -> range or choices
     # (checked against these dataclasses by src.search.space.parse_space when a study or retrain reads it)
 
@@ -178,6 +190,7 @@ class Params:
     model: ModelConfig
     loss: LossConfig
     train: TrainConfig
+    pretrain: PretrainConfig
     cv: CVConfig
     infer: InferConfig
     tune: TuneConfig

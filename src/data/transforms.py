@@ -53,7 +53,8 @@ class Preprocessing:
         return max(1, min(patch_size, round(self.context * patch_size)))
 
 
-DOWNSAMPLING_WARNED = 2  # a context shrunk this much or more is reported (once per process)
+DOWNSAMPLING_WARNED = 4  # a context shrunk this much or more is reported (once per process); the default
+# feeds its 96-px patch at 32 px (3x), which scored within 0.005 of 64 px on the embedded default
 
 
 class DownsamplingWarning(UserWarning):

@@ -18,6 +18,7 @@ from src.engine.fit import fit
 from src.engine.folds import make_folds
 from src.engine.inference import predict
 from src.engine.metrics import competition_score, per_type_spearman
+from src.engine.pretraining import fold_backbone, with_backbone
 from src.engine.smoothing import smooth
 from src.model.feature_cache import FeatureCaches
 from src.model.network import SpatialCellModel
@@ -82,9 +83,10 @@ def cross_validate(params: Params, patch_set: PatchSet, on_fold: FoldCallback | 
                    on_epoch: Callable[[int, int, float], None] | None = None, device: torch.device | None = None,
                    show_progress: bool = True, sigmas: list[float] | None = None,
                    keep_models: bool = False, reuse: FeatureCaches | None = None) -> CVResult:
-    """Spatial CV: one model per fold, TTA predictions for its validation spots, scored after smoothing
-    with the best of ``sigmas`` (default: the recipe's own ``infer.smoothing_sigma``). ``reuse``: feature
-    caches shared with other CV runs (a study's trials); by default the folds share a fresh set."""
+    """Spatial CV: one model per fold (its backbone first trained on the fold's training spots, with
+    ``pretrain.epochs`` > 0), TTA predictions for its validation spots, scored after smoothing with the
+    best of ``sigmas`` (default: the recipe's own ``infer.smoothing_sigma``). ``reuse``: feature caches
+    shared with other CV runs (a study's trials); by default the folds share a fresh set."""
     start = time.perf_counter()
     device = device or default_device()
     if reuse is None and params.train.feature_cache:
@@ -97,8 +99,9 @@ def cross_validate(params: Params, patch_set: PatchSet, on_fold: FoldCallback | 
     epochs_run, models = [], []
     for k, fold in enumerate(folds):
         callback = (lambda epoch, score, k=k: on_epoch(k, epoch, score)) if on_epoch else None
-        result = fit(params, patch_set, fold.train, fold.val if on_epoch else None, callback, device, show_progress,
-                     reuse)
+        fold_params = with_backbone(params, fold_backbone(params, patch_set, fold.train, device))
+        result = fit(fold_params, patch_set, fold.train, fold.val if on_epoch else None, callback, device,
+                     show_progress, reuse)
         oof[fold.val] = predict(result.model, patch_set, fold.val, params.infer.tta,
                                 params.infer.batch_size, device, cache=result.cache, reuse=reuse)
         fold_of[fold.val] = k

@@ -8,6 +8,7 @@ from src.core.config import Params
 from src.data.patch_set import PatchSet
 from src.engine.cross_validation import cross_validate
 from src.engine.fit import fit
+from src.engine.pretraining import fold_backbone, with_backbone
 from src.model.network import Ensemble, SpatialCellModel
 
 
@@ -16,13 +17,15 @@ def final_model(params: Params, patch_set: PatchSet, log=print) -> tuple[Spatial
 
     ``train.final: ensemble``: the recipe's CV is run again and its fold models, the very models the CV
     scored, are averaged (the CV score is printed as a check). ``retrain``: one model on every training
-    spot, with the fold models' epoch count (its schedule is not validated by the CV)."""
+    spot (its backbone pretrained on all of them), with the fold models' epoch count (its schedule is
+    not validated by the CV)."""
     if params.train.final == "ensemble":
         result = cross_validate(params, patch_set, keep_models=True)
         log(f"fold models: CV spearman {result.score:.4f} (sigma {result.sigma:g} px), "
             f"floor {result.floor:.4f}")
         model, epochs = Ensemble(result.models), result.epochs_run
     else:  # retrain
-        fitted = fit(params, patch_set, np.arange(len(patch_set.spots)))
+        rows = np.arange(len(patch_set.spots))
+        fitted = fit(with_backbone(params, fold_backbone(params, patch_set, rows, log=log)), patch_set, rows)
         model, epochs = fitted.model, [fitted.epochs_run]
     return model, epochs

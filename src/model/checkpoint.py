@@ -1,10 +1,11 @@
 """Self-describing checkpoints: everything evaluation and prediction need, without params.yaml or a study.
 
-A checkpoint holds the weights of one model or of an ensemble (the CV's fold models) with the model
-config, the cell types, the target transform, the patch size, the preprocessing the backbone was
-trained with, the inference settings (TTA, smoothing) and the stain reference, plus where it came
-from: its format number, the versions of torch, timm, torchsort and numpy, the digest of the code
-that rebuilds and runs it, and the digest of the patch store it was trained on. Loading refuses
+A checkpoint holds one or several recipes, each with its weight in the delivered prediction. A recipe
+is the weights of one model or of an ensemble (the CV's fold models) with the model config, the
+target transform, the preprocessing the backbone was trained with and the inference settings (TTA,
+smoothing). Shared by all: the cell types, the patch size and the stain reference, plus where it
+came from: its format number, the versions of torch, timm, torchsort and numpy, the digest of the
+code that rebuilds and runs it, and the digest of the patch store it was trained on. Loading refuses
 formats it does not know, and a model whose rebuilt preprocessing differs from the recorded one.
 """
 from __future__ import annotations
@@ -18,9 +19,10 @@ from src.core.config import InferConfig, LossConfig, ModelConfig
 from src.core.errors import InputError
 from src.core.files import atomic_path
 from src.core.provenance import imported_modules, modules_digest, versions
-from src.model.network import Ensemble, SpatialCellModel
+from src.model.network import Ensemble, RecipeEnsemble, SpatialCellModel
 
-FORMAT = 3  # 1: before the preprocessing and provenance were recorded; 2: model.context in px (both still read)
+FORMAT = 4  # 1: before the preprocessing and provenance were recorded; 2: model.context in px; 3: one recipe
+# at the top level (all still read)
 LIBRARIES = ("torch", "timm", "torchsort", "numpy")
 RUNS_A_CHECKPOINT = ("src.engine.inference", "src.model.checkpoint")  # and all they import
 
@@ -32,30 +34,45 @@ def code_version() -> str:
 
 def save_checkpoint(path: str | Path, model: SpatialCellModel | Ensemble, *, targets: list[str],
                     loss: LossConfig, patch_size: int, infer: InferConfig, stain: dict, data_digest: str = "") -> None:
-    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    """One recipe (a model, or the fold models of one CV)."""
+    save_recipes(path, [(model, loss, infer, 1.0)], targets=targets, patch_size=patch_size, stain=stain,
+                 data_digest=data_digest)
+
+
+def save_recipes(path: str | Path, recipes: list[tuple[SpatialCellModel | Ensemble, LossConfig, InferConfig, float]],
+                 *, targets: list[str], patch_size: int, stain: dict, data_digest: str = "") -> None:
+    """Several recipes, each (model, its loss config, its inference settings, its weight)."""
     payload = {
         "format": FORMAT,
-        "model_config": dataclasses.asdict(model.cfg),
-        "preprocessing": dataclasses.asdict(model.preprocessing),
+        "recipes": [_recipe_payload(model, loss, infer, weight) for model, loss, infer, weight in recipes],
         "targets": list(targets),
-        "target_transform": loss.target_transform,
-        "log_epsilon": loss.log_epsilon,
         "patch_size": int(patch_size),
-        "infer": dataclasses.asdict(infer),
         "stain": stain,
         "versions": versions(LIBRARIES),
         "code_version": code_version(),
         "data_digest": data_digest,
-        "state_dicts": [m.state_dict() for m in members],
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
+def _recipe_payload(model: SpatialCellModel | Ensemble, loss: LossConfig, infer: InferConfig, weight: float) -> dict:
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    return {"model_config": dataclasses.asdict(model.cfg), "preprocessing": dataclasses.asdict(model.preprocessing),
+            "target_transform": loss.target_transform, "log_epsilon": loss.log_epsilon,
+            "infer": dataclasses.asdict(infer), "weight": float(weight),
+            "state_dicts": [m.state_dict() for m in members]}
+
+
+RECIPE_KEYS = ("model_config", "preprocessing", "target_transform", "log_epsilon", "infer", "state_dicts")
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[SpatialCellModel | Ensemble, dict]:
-    """(model in eval mode -- an :class:`Ensemble` when the checkpoint holds several --, the rest of
-    the checkpoint's fields)."""
+                    ) -> tuple[SpatialCellModel | Ensemble | RecipeEnsemble, dict]:
+    """(model in eval mode, the rest of the checkpoint's fields). The model is an :class:`Ensemble`
+    when one recipe holds several fold models, a :class:`RecipeEnsemble` when the checkpoint holds
+    several recipes (its ``recipes`` pair every model with its own settings; ``meta`` then has no
+    recipe fields)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
@@ -66,34 +83,48 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     if isinstance(payload, dict) and "state_dict" in payload and "state_dicts" not in payload:
         raise InputError(f"{path}: written by an earlier version of this project (one model, no target "
                          "epsilon); rerun `dvc repro train` or `python -m src.train`")
-    if not isinstance(payload, dict) or "state_dicts" not in payload or "model_config" not in payload:
-        raise InputError(f"{path}: not a checkpoint of this project (no model_config/state_dicts)")
+    if isinstance(payload, dict) and "state_dicts" in payload and "model_config" in payload:  # formats 1-3
+        payload = dict({k: v for k, v in payload.items() if k not in RECIPE_KEYS},
+                       recipes=[dict({k: payload[k] for k in RECIPE_KEYS if k in payload}, weight=1.0)])
+    if not isinstance(payload, dict) or not isinstance(payload.get("recipes"), list) or not payload["recipes"]:
+        raise InputError(f"{path}: not a checkpoint of this project (no recipes or model_config/state_dicts)")
     written = payload.get("format", 1)
     if not isinstance(written, int) or written > FORMAT:
         raise InputError(f"{path}: checkpoint format {written} is newer than this code reads ({FORMAT}); "
                          f"update the project (it was written with {payload.get('versions', {})})")
+    recipes = payload.pop("recipes")
+    loaded = [_load_recipe(path, recipe, written, payload) for recipe in recipes]
+    meta = dict(payload, format=written)
+    if len(loaded) == 1:
+        model, settings = loaded[0]
+        return model, dict(meta, **settings)
+    return RecipeEnsemble([m for m, _ in loaded], [s for _, s in loaded]), meta
+
+
+def _load_recipe(path: Path, recipe: dict, written: int, shared: dict) -> tuple[SpatialCellModel | Ensemble, dict]:
     # Weights come from the checkpoint: no hub download, no local backbone file needed.
-    fields = {"neighbour_radius": 0.0, **payload["model_config"]}  # checkpoints from before the field: none
+    fields = {"neighbour_radius": 0.0, **recipe["model_config"]}  # checkpoints from before the field: none
     px = fields.get("context", 0)
     if written < 3 and isinstance(px, int):  # model.context was px (0 = the whole patch); now a share of the edge
-        fields["context"] = 1.0 if not px else px / payload["patch_size"]
-        if payload.get("preprocessing") is not None:
-            payload["preprocessing"] = dict(payload["preprocessing"], context=fields["context"])
+        fields["context"] = 1.0 if not px else px / shared["patch_size"]
+        if recipe.get("preprocessing") is not None:
+            recipe = dict(recipe, preprocessing=dict(recipe["preprocessing"], context=fields["context"]))
     cfg = dataclasses.replace(ModelConfig(**fields), pretrained=False, weights="")
     members = []
-    for state in payload.pop("state_dicts"):
-        member = SpatialCellModel(cfg, n_outputs=len(payload["targets"]))
+    for state in recipe["state_dicts"]:
+        member = SpatialCellModel(cfg, n_outputs=len(shared["targets"]))
         member.load_state_dict(state)
         members.append(member)
-    recorded = payload.get("preprocessing")
+    recorded = recipe.get("preprocessing")
     rebuilt = dataclasses.asdict(members[0].preprocessing)
     if recorded is not None and _as_lists(recorded) != _as_lists(rebuilt):
         raise InputError(f"{path}: the model was trained on preprocessing {recorded}, but timm "
                          f"{versions(('timm',))['timm']} builds {rebuilt} for {cfg.backbone}; use the versions "
-                         f"it was written with ({payload.get('versions', {})})")
+                         f"it was written with ({shared.get('versions', {})})")
     model = members[0] if len(members) == 1 else Ensemble(members)
-    meta = dict(payload, format=written, infer=InferConfig(**payload["infer"]))
-    return model.eval(), meta
+    settings = {k: v for k, v in recipe.items() if k != "state_dicts"}
+    settings.update(infer=InferConfig(**recipe["infer"]), weight=float(recipe.get("weight", 1.0)))
+    return model.eval(), settings
 
 
 def _as_lists(values: dict) -> dict:

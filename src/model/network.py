@@ -187,3 +187,18 @@ class Ensemble(nn.Module):
 
     def forward(self, images: torch.Tensor, spot: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images), spot)
+
+
+class RecipeEnsemble:
+    """Models of several recipes delivered as one (an ensemble selected over a study's trials): each
+    model with its own settings (target transform, TTA, smoothing; ``settings[i]["weight"]`` its share).
+    ``src.engine.inference.predict_abundance`` predicts with each and averages their within-spot ranks."""
+
+    def __init__(self, models: list["SpatialCellModel | Ensemble"], settings: list[dict]):
+        if len(models) != len(settings) or not models:
+            raise ValueError("a recipe ensemble needs one settings mapping per model, and a model")
+        self.models, self.settings = models, settings
+
+    @property
+    def weights(self) -> list[float]:
+        return [float(s["weight"]) for s in self.settings]

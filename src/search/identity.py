@@ -24,7 +24,7 @@ from src.core.provenance import SRC, imported_modules, modules_digest, versions
 
 # Keys that do not change what a trial computes.
 RUN_ONLY = {
-    "tune": {"trials", "study", "storage", "timeout_s", "heartbeat_s"},
+    "tune": {"trials", "study", "storage", "timeout_s", "heartbeat_s", "ensemble_size"},  # selection reads trials
     "train": {"cache_dir", "num_workers", "compile"},
     "infer": {"batch_size"},
 }

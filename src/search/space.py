@@ -26,7 +26,8 @@ from src.core.config import field_type as annotation_of
 from src.core.errors import InputError
 from src.model.backbone import backbone_block_count, check_weights
 
-NOT_SEARCHABLE = {"data", "simulate", "stain", "patches", "tune"}  # data stages / the search itself
+NOT_SEARCHABLE = {"data", "simulate", "stain", "patches", "tune", "pretrain"}  # data stages, the search itself,
+# and the backbone training every trial of a study starts from
 RANGE_KEYS = {"low", "high", "log", "step"}
 UNSEARCHABLE = {
     "infer.smoothing_sigma": "every trial scores its out-of-fold predictions with each of tune.sigma_grid "
