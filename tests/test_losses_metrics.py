@@ -8,7 +8,7 @@ from src.core.errors import InputError
 from src.engine.metrics import competition_score, floor_score, per_type_spearman, skill, spot_spearman
 from src.engine.smoothing import smooth, smooth_slide
 from src.model.losses import AbundanceLoss, soft_spearman
-from src.model.targets import target_ranks, to_abundance_scale, transform_targets
+from src.model.targets import from_abundance_scale, target_ranks, to_abundance_scale, transform_targets
 
 RNG = np.random.default_rng(0)
 
@@ -62,6 +62,8 @@ def test_target_transforms_keep_the_within_spot_order_and_never_log_zero():
     for kind, values in outputs.items():
         assert competition_score(to_abundance_scale(values, kind, 1e-10), abundance) == pytest.approx(1.0)
     np.testing.assert_allclose(to_abundance_scale(outputs["log"], "log", 1e-10), abundance, atol=1e-9)
+    for kind, values in outputs.items():  # the OOF tables are saved on the abundance scale and read back
+        np.testing.assert_allclose(from_abundance_scale(to_abundance_scale(values, kind, 1e-10), kind), values)
     assert not np.allclose(outputs["log1p"], outputs["raw"])
     with pytest.raises(ValueError, match="log targets need epsilon > 0"):
         transform_targets(abundance, "log", 0.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.bench.search import PLAIN_BASELINE
+from src.bench.search import plain_baseline
 
 # name -> overrides of params.yaml
 PREVIOUS_DEFAULT = ["model.backbone=convnext_atto", "model.input_size=64", "model.context=0.67", "pretrain.epochs=0"]
@@ -22,10 +22,10 @@ RECIPES = {
     "default (pretrained per fold, last stage + head)": [],
     "default, head only (unfrozen_blocks 0)": ["model.unfrozen_blocks=0"],
     "previous default (convnext_atto, random frozen prefix)": PREVIOUS_DEFAULT,
-    "resnet18 fully trained, 32 px": [*PLAIN_BASELINE, "model.input_size=32"],
-    "resnet18 fully trained, 64 px (the plain peer)": PLAIN_BASELINE,
-    "resnet10t fully trained, 64 px": [*PLAIN_BASELINE, "model.backbone=resnet10t", "model.unfrozen_blocks=5"],
-    "convnext_atto fully trained, 64 px": [*PLAIN_BASELINE, "model.backbone=convnext_atto", "model.unfrozen_blocks=13"],
+    "resnet18 fully trained, 32 px": [*plain_baseline(), "model.input_size=32"],
+    "resnet18 fully trained, 64 px (the plain peer)": plain_baseline(),
+    "resnet10t fully trained, 64 px": plain_baseline("resnet10t"),
+    "convnext_atto fully trained, 64 px": plain_baseline("convnext_atto"),
 }
 
 

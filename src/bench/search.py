@@ -9,7 +9,7 @@ CV chose), the first trial being the hand-set params.yaml recipe (scored with pa
 ``infer.smoothing_sigma``, as stage ``train`` delivers it). Then what stage ``train`` would deliver
 (``src.search.selection``: the best trial, or the ensemble selected over the trials where the nested
 CV prefers it) is scored from those predictions, after the first 8, 16, 40, 100 finished trials
-the study reached and at its end. A plain peer without search (``PLAIN_BASELINE``: a timm ResNet-18
+the study reached and at its end. A plain peer without search (``plain_baseline``: a timm ResNet-18
 from scratch on the whole patch, one model on every training spot) is scored beside them: what the
 search delivers has to beat it too.
 
@@ -39,10 +39,19 @@ from scipy.stats import spearmanr
 from src.core.config import Params, apply_overrides, params_from_dict, read_raw
 
 DEFAULTS_CHOSEN_ON = "compartments"  # the family the defaults, space and levers were chosen on
-# A peer without search: a plain timm ResNet-18 trained from scratch on the whole patch, MSE on log
-# targets, flips, flip TTA, no coordinates, no smoothing; one model on every training spot.
-PLAIN_BASELINE = [
-    "model.backbone=resnet18", "model.unfrozen_blocks=9", "model.fusion=none", "model.context=1.0",
+
+
+def plain_baseline(backbone: str = "resnet18") -> list[str]:
+    """The plain peer's overrides of params.yaml: ``backbone`` from scratch, every block trained."""
+    from src.model.backbone import backbone_block_count
+
+    return [f"model.backbone={backbone}", f"model.unfrozen_blocks={backbone_block_count(backbone)}", *PLAIN_RECIPE]
+
+
+# A peer without search: trained from scratch on the whole patch, MSE on log targets, flips, flip TTA,
+# no coordinates, no smoothing; one model on every training spot.
+PLAIN_RECIPE = [
+    "model.fusion=none", "model.context=1.0",
     "model.input_size=64", "model.neighbour_radius=0", "model.dropout=0.1", "loss.alpha=0",
     "loss.target_transform=log", "loss.log_epsilon=1.0e-6", "train.lr_backbone=0.001", "train.lr_head=0.001",
     "train.epochs=8", "train.feature_cache=false", "infer.tta=[identity,hflip,vflip]", "infer.smoothing_sigma=0",
@@ -239,7 +248,7 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
     test = TestSlide(folder)
 
     def plain_peer() -> dict:
-        plain_params = params_from_dict(apply_overrides(raw, PLAIN_BASELINE))
+        plain_params = params_from_dict(apply_overrides(raw, plain_baseline()))
         plain = fit(plain_params, train_set, np.arange(len(train_set.spots)), show_progress=False)
         plain_test = test.score([plain.model], plain_params, 0.0)
         log(f"{family} seed {seed}: plain ResNet-18 test {plain_test:.4f}")
@@ -270,17 +279,19 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
     else:  # a study run before the hand-set trial recorded it
         hand = cross_validate(params, train_set, keep_models=True, show_progress=False)
         hand_test = test.score(hand.models, params, params.infer.smoothing_sigma)
-    complete = [t for t in study.trials if t.state.name == "COMPLETE" and "test_spearman" in t.user_attrs]
+    # Every complete trial's test score from its kept view (a trial of a study resumed from an earlier
+    # run has no test_spearman attribute; its view is rebuilt from its params)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     best = study.best_trial
     cv = [t.value for t in complete]
-    tested = [t.user_attrs["test_spearman"] for t in complete]
+    tested = [test.score_view(views.get(t)) for t in complete]
     correlation = float(spearmanr(cv, tested).statistic) if len(complete) >= 3 else float("nan")
     replays = []
     if replay:
         n_folds = fold_count(params.cv, train_set.spots["slide"].to_numpy())
         replays = [replay_pruner(study, name, params, n_folds) for name in PRUNERS if name != "none"]
     result = SeedResult(family=family, seed=seed, hand_set=hand_test,
-                      tuned=best.user_attrs.get("test_spearman", deliveries[-1].best_trial_test),
+                      tuned=test.score_view(views.get(best)),
                       plain=reference["plain_test"], deliveries=deliveries,
                       correlation=correlation, n_complete=len(complete),
                       n_pruned=sum(t.state.name == "PRUNED" for t in study.trials), best_trial=best.number,

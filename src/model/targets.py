@@ -42,6 +42,14 @@ def to_abundance_scale(predictions: np.ndarray, kind: str, epsilon: float = 0.0)
     return np.expm1(predictions) if kind == "log1p" else predictions
 
 
+def from_abundance_scale(values: np.ndarray, kind: str) -> np.ndarray:
+    """Inverse of ``to_abundance_scale``: predictions saved on the abundance scale back to the space the
+    model predicted them in (where a trial's smoothing was applied)."""
+    if kind == "log":
+        return np.log(values)
+    return np.log1p(values) if kind == "log1p" else values
+
+
 def target_ranks(abundance: np.ndarray) -> np.ndarray:
     """Within-spot average ranks (ties share a rank, as scipy's Spearman does)."""
     return rankdata(abundance, axis=1).astype(np.float32)

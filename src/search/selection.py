@@ -23,6 +23,7 @@ from src.data.patch_set import PatchSet
 from src.engine.ensemble_selection import NestedScores, combine, greedy_selection, nested_scores, rank_view
 from src.engine.metrics import competition_score
 from src.engine.smoothing import smooth
+from src.model.targets import from_abundance_scale
 from src.search.space import run_value
 
 
@@ -47,13 +48,6 @@ class Selection:
     candidates: int
 
 
-def _target_space(values: np.ndarray, kind: str) -> np.ndarray:
-    """Inverse of ``src.model.targets.to_abundance_scale``."""
-    if kind == "log":
-        return np.log(values)
-    return np.log1p(values) if kind == "log1p" else values
-
-
 def trial_recipe_value(trial: optuna.trial.FrozenTrial, name: str, base_raw: dict):
     section, key = name.split(".", 1)
     return trial.params.get(name, base_raw[section][key])
@@ -71,7 +65,7 @@ def oof_view(trial: optuna.trial.FrozenTrial, storage, store, patch_set: PatchSe
         download_artifact(artifact_store=store, file_path=str(path), artifact_id=metas[-1].artifact_id)
         table = pd.read_csv(path)
     values = table[patch_set.targets].to_numpy(np.float64)
-    values = _target_space(values, trial_recipe_value(trial, "loss.target_transform", base_raw))
+    values = from_abundance_scale(values, trial_recipe_value(trial, "loss.target_transform", base_raw))
     sigma = float(trial.user_attrs.get("smoothing_sigma", 0.0))
     smoothed = smooth(values, patch_set.xy(), patch_set.slides, sigma, float(base_raw["infer"]["smoothing_truncate"]))
     return rank_view(smoothed), table["fold"].to_numpy()
