@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import warnings
 from unittest import mock
 
@@ -10,7 +12,7 @@ from skimage import data as skdata
 from src.core.errors import InputError
 from src.data.slides import SlideRef, open_h5, read_image_uint8
 from src.data.stain import StainNormalizer, optical_density, positive_lasso_2, upper_percentile
-from tests.conftest import fast_params
+from tests.conftest import ROOT, fast_params
 
 STAINTOOLS_ITERATIONS = 1000  # staintools' own default (iter=-1) is "learn for one second"
 
@@ -48,6 +50,20 @@ def test_closed_form_lasso_matches_spams():
     expected = spams.lasso(X=np.asfortranarray(od.T), D=np.asfortranarray(matrix.T), mode=2,
                            lambda1=0.01, pos=True).toarray().T
     np.testing.assert_allclose(positive_lasso_2(od, matrix), expected, atol=1e-5)
+
+
+def test_vahadane_fit_leaves_torch_thread_count_alone():
+    # In a fresh process whose torch has started its OpenMP runtime, as in the pipeline: SPAMS then
+    # shares that runtime, and a leak of its one thread would leave every later torch op on one thread.
+    script = (
+        "import torch; torch.get_num_threads(); torch.set_num_threads(3)\n"
+        "from skimage import data\n"
+        "from src.data.stain import vahadane_stain_matrix\n"
+        "vahadane_stain_matrix(data.immunohistochemistry()[:128, :128].reshape(-1, 3))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-1] == "3", done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("q", [99.0, 95.0, 99.9])

@@ -56,16 +56,20 @@ def vahadane_stain_matrix(tissue_rgb: np.ndarray) -> np.ndarray:
     "run for one second": slow, and machine-dependent (not reproducible). Started from the Macenko
     estimate of the same pixels, 100 iterations land within 0.005 of staintools' matrix (measured on
     scikit-image's IHC section; 0.06 from a random start). SPAMS with several OpenMP threads also
-    hangs inside forked workers, so it gets one thread.
+    hangs inside forked workers, so it gets one thread. It sets that count on the OpenMP runtime it
+    shares with torch, which would leave every later torch op of the process on one thread; the
+    threadpool limit puts the process's count back when it returns.
     """
     import spams
+    from threadpoolctl import threadpool_limits
 
     start = macenko_stain_matrix(tissue_rgb)
-    dictionary = spams.trainDL(
-        X=np.asfortranarray(optical_density(tissue_rgb).T, dtype=np.float64),
-        D=np.asfortranarray(start.T, dtype=np.float64), K=2, lambda1=VAHADANE_LAMBDA, mode=2,
-        modeD=0, posAlpha=True, posD=True, verbose=False, iter=VAHADANE_ITERATIONS, numThreads=1,
-    ).T
+    with threadpool_limits(limits=1, user_api="openmp"):
+        dictionary = spams.trainDL(
+            X=np.asfortranarray(optical_density(tissue_rgb).T, dtype=np.float64),
+            D=np.asfortranarray(start.T, dtype=np.float64), K=2, lambda1=VAHADANE_LAMBDA, mode=2,
+            modeD=0, posAlpha=True, posD=True, verbose=False, iter=VAHADANE_ITERATIONS, numThreads=1,
+        ).T
     if dictionary[0, 0] < dictionary[1, 0]:  # haematoxylin first, as staintools orders them
         dictionary = dictionary[[1, 0], :]
     norms = np.linalg.norm(dictionary, axis=1, keepdims=True)
