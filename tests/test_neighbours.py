@@ -114,11 +114,38 @@ def test_checkpoint_with_neighbours_predicts_the_same_on_unlabelled_slides(tiny_
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_ensemble_members_must_describe_spots_alike(train_set, neighbour_fit):
+def test_ensemble_members_that_describe_spots_differently_each_read_their_own_neighbourhood(train_set,
+                                                                                            neighbour_fit):
     params, result = neighbour_fit
     other = SpatialCellModel(params.model, n_outputs=len(train_set.targets))  # other random frozen blocks
-    with pytest.raises(ValueError, match="describe spots differently"):
-        Ensemble([result.model, other])
+    ensemble = Ensemble([result.model, other, result.model])
+    assert ensemble.describers == [result.model, other]
+    inputs = spot_inputs(ensemble, train_set, CPU)
+    assert inputs.shape == (len(train_set.spots), 2 + 2 * result.model.descriptor_width)
+    rows, tta = np.arange(len(train_set.spots)), ["identity", "hflip"]
+    members = [predict(m, train_set, rows, tta, device=CPU) for m in (result.model, other, result.model)]
+    assert not np.allclose(members[0], members[1])
+    np.testing.assert_allclose(predict(ensemble, train_set, rows, tta, device=CPU), np.mean(members, axis=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_delivered_fold_models_with_own_backbones_and_neighbours_predict_from_their_checkpoint(
+        tiny_patches, train_set, tmp_path):
+    from src.engine.final_model import final_model
+
+    params = fast_params("model.neighbour_radius=30", "pretrain.epochs=1", f"train.cache_dir={tmp_path}/cache",
+                         "train.final=ensemble")
+    model, _ = final_model(params, train_set, log=lambda _: None)
+    assert isinstance(model, Ensemble) and len(model.describers) == len(model.members) == 2  # own backbones
+    save_checkpoint(tmp_path / "m.pt", model, targets=train_set.targets, loss=params.loss,
+                    patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"})
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    test_set = load_patch_set(tiny_patches / "patches", "test")
+    rows = np.arange(len(test_set.spots))
+    got = predict(loaded, test_set, rows, ["identity", "vflip"], device=CPU)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, np.mean([predict(m, test_set, rows, ["identity", "vflip"], device=CPU)
+                                             for m in model.members], axis=0), rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_from_before_neighbour_aggregation_loads(train_set, tmp_path):

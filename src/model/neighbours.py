@@ -7,7 +7,8 @@ labels, so a validation or test spot's neighbourhood carries no label across a C
 at prediction the neighbours are the slide's own spots, as in training.
 
 ``spot_inputs`` is what the model's head receives per spot: normalized coordinates, then (with a
-radius) the neighbourhood mean.
+radius) the neighbourhood mean; for an ensemble whose members describe spots differently (fold models
+pretrained on their own folds), one neighbourhood mean per distinct describer.
 """
 from __future__ import annotations
 
@@ -58,12 +59,13 @@ def spot_descriptors(model: SpatialCellModel, patch_set: PatchSet, device: torch
 def spot_inputs(model: SpatialCellModel | Ensemble, patch_set: PatchSet, device: torch.device,
                 batch_size: int = 256, reuse: FeatureCaches | None = None) -> np.ndarray:
     """The head's per-spot inputs for every spot of ``patch_set`` (N x 2, or N x (2 + descriptor
-    width) with neighbour aggregation), float32."""
+    width) with neighbour aggregation; an ensemble: one neighbourhood block per describer), float32."""
     coords = patch_set.coords()
     radius = model.cfg.neighbour_radius
     if radius <= 0:
         return coords
-    member = model.members[0] if isinstance(model, Ensemble) else model
-    descriptors = spot_descriptors(member, patch_set, device, batch_size, reuse)
-    around = neighbour_mean(descriptors, patch_set.xy(), patch_set.spots["slide"].to_numpy(), radius)
-    return np.hstack([coords, around]).astype(np.float32)
+    describers = model.describers if isinstance(model, Ensemble) else [model]
+    xy, slides = patch_set.xy(), patch_set.spots["slide"].to_numpy()
+    around = [neighbour_mean(spot_descriptors(d, patch_set, device, batch_size, reuse), xy, slides, radius)
+              for d in describers]
+    return np.hstack([coords, *around]).astype(np.float32)

@@ -167,7 +167,13 @@ class SpatialCellModel(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Models of one recipe (the CV's fold models) that predict as one: the mean of their outputs."""
+    """Models of one recipe (the CV's fold models) that predict as one: the mean of their outputs.
+
+    With neighbour aggregation each member describes spots by its own frozen blocks (fold models
+    pretrained on their own folds differ there). ``describers`` holds one member per distinct set of
+    describing blocks; the ensemble's spot input is the coordinates, then each describer's
+    neighbourhood mean in that order (``src.model.neighbours.spot_inputs``), and every member reads
+    the coordinates and its own describer's block."""
 
     def __init__(self, members: list[SpatialCellModel]):
         super().__init__()
@@ -176,14 +182,27 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.cfg = members[0].cfg
         self.preprocessing = members[0].preprocessing
-        if self.cfg.neighbour_radius > 0 and len({m.descriptor_digest() for m in members}) > 1:
-            raise ValueError("ensemble members describe spots differently (frozen blocks differ)")
+        self.describers: list[SpatialCellModel] = []
+        self._describer_of: list[int] = []  # member i reads describer _describer_of[i]'s block
+        if self.cfg.neighbour_radius > 0:
+            digests = [m.descriptor_digest() for m in members]
+            distinct = list(dict.fromkeys(digests))
+            self.describers = [members[digests.index(d)] for d in distinct]
+            self._describer_of = [distinct.index(d) for d in digests]
+
+    def member_spot(self, spot: torch.Tensor, index: int) -> torch.Tensor:
+        """Member ``index``'s part of the ensemble's spot input: coordinates and its own neighbourhood."""
+        if not self._describer_of:
+            return spot
+        width, block = self.members[index].descriptor_width, self._describer_of[index]
+        return torch.cat([spot[:, :2], spot[:, 2 + block * width : 2 + (block + 1) * width]], dim=1)
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [m.forward_features(images) for m in self.members]
 
     def forward_head(self, features: list[torch.Tensor], spot: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m.forward_head(f, spot) for m, f in zip(self.members, features)]).mean(dim=0)
+        return torch.stack([m.forward_head(f, self.member_spot(spot, i))
+                            for i, (m, f) in enumerate(zip(self.members, features))]).mean(dim=0)
 
     def forward(self, images: torch.Tensor, spot: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images), spot)
