@@ -75,6 +75,9 @@ FAST = [  # shrink the project's recipe for tests: tiny backbone and input, one 
     "pretrain.epochs=0",  # tests/test_pretraining.py trains backbones, in its own cache folders
     # the space around that recipe: 32-px patches, one epoch
     "tune.space.model.context={choices: [1.0, 0.5]}", "tune.space.train.epochs={low: 1, high: 2}",
+    # fine-tuning backbone blocks, which the default space leaves out (a trial trains the head only)
+    "tune.space.model.unfrozen_blocks={low: 0, high: 1}",
+    "tune.space.train.lr_backbone={low: 1.0e-5, high: 1.0e-3, log: true}",
 ]
 
 

@@ -110,3 +110,35 @@ def test_output_bias_starts_at_the_mean_profile():
     with torch.no_grad():
         out = model(torch.randn(8, 3, 32, 32), torch.rand(8, 2))
     assert torch.corrcoef(torch.stack([out.mean(0), mean]))[0, 1] > 0.9
+
+
+def test_recipes_that_share_fold_backbones_store_them_once_and_load_back_exactly(tmp_path):
+    from src.core.config import InferConfig, LossConfig
+    from src.model.checkpoint import load_checkpoint, save_recipes
+    from src.model.network import Ensemble
+
+    folds = [_model(), _model()]  # two fold backbones, as a CV's folds train them
+    with torch.no_grad():
+        folds[1].backbone.conv1[0].weight.add_(1.0)
+
+    def recipe(seed):  # heads trained on the same fold backbones
+        members = []
+        for fold in folds:
+            member = _model(unfrozen_blocks=0)
+            member.backbone.load_state_dict(fold.backbone.state_dict())
+            with torch.no_grad():
+                member.head[-1].weight.normal_(generator=torch.Generator().manual_seed(seed))
+            members.append(member)
+        return Ensemble(members)
+
+    loss, infer = LossConfig(0.5, 0.1, "log", 1e-6), InferConfig(["identity"], 0.0, 3.0, 64)
+    shared = {"targets": [f"C{i}" for i in range(1, 36)], "patch_size": 32, "stain": {}}
+    recipes = [recipe(1), recipe(2)]
+    save_recipes(tmp_path / "one.pt", [(recipes[0], loss, infer, 1.0)], **shared)
+    save_recipes(tmp_path / "two.pt", [(r, loss, infer, 0.5) for r in recipes], **shared)
+    assert (tmp_path / "two.pt").stat().st_size < 1.1 * (tmp_path / "one.pt").stat().st_size
+    loaded, _ = load_checkpoint(tmp_path / "two.pt")
+    for saved, back in zip(recipes, loaded.models):
+        for a, b in zip(saved.members, back.members):
+            assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert not torch.equal(loaded.models[0].members[0].head[-1].weight, loaded.models[1].members[0].head[-1].weight)

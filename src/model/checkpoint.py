@@ -11,6 +11,7 @@ formats it does not know, and a model whose rebuilt preprocessing differs from t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import torch
@@ -42,9 +43,11 @@ def save_checkpoint(path: str | Path, model: SpatialCellModel | Ensemble, *, tar
 def save_recipes(path: str | Path, recipes: list[tuple[SpatialCellModel | Ensemble, LossConfig, InferConfig, float]],
                  *, targets: list[str], patch_size: int, stain: dict, data_digest: str = "") -> None:
     """Several recipes, each (model, its loss config, its inference settings, its weight)."""
+    recipe_payloads = [_recipe_payload(model, loss, infer, weight) for model, loss, infer, weight in recipes]
+    _share_equal_tensors([state for recipe in recipe_payloads for state in recipe["state_dicts"]])
     payload = {
         "format": FORMAT,
-        "recipes": [_recipe_payload(model, loss, infer, weight) for model, loss, infer, weight in recipes],
+        "recipes": recipe_payloads,
         "targets": list(targets),
         "patch_size": int(patch_size),
         "stain": stain,
@@ -62,6 +65,18 @@ def _recipe_payload(model: SpatialCellModel | Ensemble, loss: LossConfig, infer:
             "target_transform": loss.target_transform, "log_epsilon": loss.log_epsilon,
             "infer": dataclasses.asdict(infer), "weight": float(weight),
             "state_dicts": [m.state_dict() for m in members]}
+
+
+def _share_equal_tensors(state_dicts: list[dict]) -> None:
+    """Let equal tensors of different state dicts be one object, which ``torch.save`` writes once: the
+    recipes of an ensemble fine-tune heads on the same fold backbones, so their frozen blocks repeat."""
+    seen: dict[tuple, torch.Tensor] = {}
+    for state in state_dicts:
+        for name, tensor in state.items():
+            data = tensor.detach().cpu().contiguous()
+            key = (str(data.dtype), tuple(data.shape), hashlib.blake2b(data.view(-1).view(torch.uint8).numpy()
+                                                                       if data.numel() else b"").hexdigest())
+            state[name] = seen.setdefault(key, tensor)
 
 
 RECIPE_KEYS = ("model_config", "preprocessing", "target_transform", "log_epsilon", "infer", "state_dicts")
