@@ -35,6 +35,8 @@ def test_search_bench_scores_hand_set_and_trials_on_the_test_slide_of_both_famil
     assert "compartments (defaults chosen here, 1 data sets): mean gain" in out
     assert "cells (held out, 1 data sets): mean gain" in out
     assert "beats the plain ResNet-18" in out
+    gain = results[1].gain  # per budget the study reached: here only its whole size
+    assert f"cells after 3 trials: mean gain {gain:+.4f}, worst {gain:+.4f}, delivered beats hand-set {int(gain > 0)} of 1" in out
 
     again = bench_search(["cells"], [3], ROOT / "params.yaml", [*TINY_DATA, *FAST, "train.epochs=2"], tmp_path,
                          trials=3, replay=True)  # the finished study, its predictions and the peer are reused

@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
+from src.bench.search_results import Delivery, SeedResult, print_results
 from src.core.config import Params, apply_overrides, params_from_dict, read_raw
-
-DEFAULTS_CHOSEN_ON = "compartments"  # the family the defaults, space and levers were chosen on
 
 
 def plain_baseline(backbone: str = "resnet18") -> list[str]:
@@ -60,53 +59,6 @@ PLAIN_RECIPE = [
 
 
 BUDGETS = (8, 16, 40, 100)  # finished trials at which the delivered recipe is also scored (a study's prefix)
-
-
-@dataclass
-class Delivery:
-    """What stage ``train`` delivers after the first ``budget`` finished trials, scored on the test slide."""
-    budget: int
-    best_trial: int
-    best_trial_test: float  # the best-CV trial
-    cv_best_trial: float
-    ensemble_test: float  # the ensemble selected over the complete trials
-    cv_ensemble: float
-    nested_single: float
-    nested_ensemble: float
-    members: int
-    delivered: str  # "ensemble" or "single": the nested CV's choice
-    delivered_test: float
-
-
-@dataclass
-class SeedResult:
-    family: str
-    seed: int
-    hand_set: float
-    tuned: float
-    plain: float
-    correlation: float
-    n_complete: int
-    n_pruned: int
-    best_trial: int
-    floor: float
-    ceiling: float
-    minutes: float
-    deliveries: list[Delivery] = field(default_factory=list)  # at each budget; the last is the whole study
-    replay: list = field(default_factory=list)
-
-    @property
-    def delivered(self) -> Delivery:
-        return self.deliveries[-1]
-
-    @property
-    def gain(self) -> float:
-        """What the pipeline delivers after the search, against the hand-set recipe."""
-        return self.delivered.delivered_test - self.hand_set
-
-    @property
-    def skill(self) -> float:
-        return (self.delivered.delivered_test - self.floor) / (self.ceiling - self.floor)
 
 
 def build_data(raw_params: Path, folder: Path, overrides: list[str]) -> None:
@@ -300,70 +252,6 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
                       minutes=(time.perf_counter() - start) / 60, replay=replays)
     (folder / "result.json").write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
     return result
-
-
-def print_results(results: list[SeedResult], trials: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=160)
-    table = Table(title=f"hand-set recipe vs what the search delivers, on the test slide ({trials} trials per study; "
-                        f"defaults chosen on family {DEFAULTS_CHOSEN_ON})", title_justify="left")
-    for column in ("family", "seed", "floor", "ceiling", "hand-set", "plain ResNet-18", "best trial", "ensemble",
-                   "delivered", "gain", "delivered - plain", "skill", "CV-test rank corr.", "complete / pruned",
-                   "minutes"):
-        table.add_column(column, justify="right")
-    for r in results:
-        d = r.delivered
-        table.add_row(r.family, str(r.seed), f"{r.floor:.4f}", f"{r.ceiling:.4f}", f"{r.hand_set:.4f}",
-                      f"{r.plain:.4f}", f"{d.best_trial_test:.4f} (#{d.best_trial})",
-                      f"{d.ensemble_test:.4f} ({d.members})", f"{d.delivered_test:.4f} ({d.delivered})",
-                      f"{r.gain:+.4f}", f"{d.delivered_test - r.plain:+.4f}", f"{r.skill:.2f}",
-                      f"{r.correlation:.2f}", f"{r.n_complete} / {r.n_pruned}", f"{r.minutes:.1f}")
-    console.print(table)
-    for family in dict.fromkeys(r.family for r in results):
-        console.print(family_summary(family, [r for r in results if r.family == family]))
-    print_budgets(console, results)
-    replays = [(f"{r.family} {r.seed}", x) for r in results for x in r.replay]
-    if replays:
-        table = Table(title="pruners replayed over the unpruned studies' fold scores", title_justify="left")
-        for column in ("seed", "pruner", "trials pruned", "folds saved", "pruned that would have improved",
-                       "best trial pruned"):
-            table.add_column(column, justify="right")
-        for seed, x in replays:
-            table.add_row(str(seed), x.pruner, str(x.pruned), f"{x.folds_saved:.0%}", str(x.lost),
-                          "yes" if x.best_pruned else "no")
-        console.print(table)
-
-
-def print_budgets(console, results: list[SeedResult]) -> None:
-    """Per budget: the best trial's CV (biased upward), the nested CV of what is delivered, the test."""
-    from rich.table import Table
-
-    table = Table(title="by budget (a study's first N finished trials): the best CV, the nested CV of the "
-                        "delivered choice, and the test", title_justify="left")
-    for column in ("family", "seed", "trials", "best-trial CV", "best-trial test", "ensemble OOF", "ensemble test",
-                   "nested single / ensemble", "delivered", "delivered test"):
-        table.add_column(column, justify="right")
-    for r in results:
-        for d in r.deliveries:
-            table.add_row(r.family, str(r.seed), str(d.budget), f"{d.cv_best_trial:.4f}", f"{d.best_trial_test:.4f}",
-                          f"{d.cv_ensemble:.4f}", f"{d.ensemble_test:.4f}",
-                          f"{d.nested_single:.4f} / {d.nested_ensemble:.4f}", d.delivered, f"{d.delivered_test:.4f}")
-    console.print(table)
-
-
-def family_summary(family: str, results: list[SeedResult]) -> str:
-    gains = [r.gain for r in results]
-    ensemble_minus_best = [r.delivered.ensemble_test - r.delivered.best_trial_test for r in results]
-    role = "defaults chosen here" if family == DEFAULTS_CHOSEN_ON else "held out"
-    return (f"{family} ({role}, {len(results)} data sets): mean gain {np.mean(gains):+.4f}, worst {min(gains):+.4f}, "
-            f"delivered beats hand-set {sum(g > 0 for g in gains)} of {len(gains)}, beats the plain ResNet-18 "
-            f"{sum(r.delivered.delivered_test > r.plain for r in results)} of {len(results)}; ensemble - best trial "
-            f"on the test {np.mean(ensemble_minus_best):+.4f}, ensemble delivered "
-            f"{sum(r.delivered.delivered == 'ensemble' for r in results)} of {len(results)}; mean skill "
-            f"{np.mean([r.skill for r in results]):.2f}, mean CV-test rank correlation "
-            f"{np.nanmean([r.correlation for r in results]):.2f}")
 
 
 def bench_search(families: list[str], seeds: list[int], params_file: Path, overrides: list[str], work: Path,
