@@ -1,10 +1,15 @@
 """``python -m src.bench search`` end to end on tiny simulated slides: data built by the stage entry
 points, the hand-set recipe and every complete trial scored on the test slide, what train would
 deliver scored from those predictions, the table printed, a rerun scored without training."""
+import json
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 
 from src.bench.search import bench_search
+from src.bench.search_results import Delivery, SeedResult, load_result, print_stored_results
+from src.core.errors import InputError
 from tests.conftest import FAST, ROOT
 
 TINY_DATA = ["simulate.size=240", "simulate.n_train=2", "simulate.n_test=1", "simulate.tissue_extent=[0.8, 1.1]",
@@ -41,3 +46,26 @@ def test_search_bench_scores_hand_set_and_trials_on_the_test_slide_of_both_famil
     again = bench_search(["cells"], [3], ROOT / "params.yaml", [*TINY_DATA, *FAST, "train.epochs=2"], tmp_path,
                          trials=3, replay=True)  # the finished study, its predictions and the peer are reused
     assert again[0].delivered == results[1].delivered and again[0].plain == results[1].plain
+
+
+def test_report_prints_a_finished_runs_rows_from_its_work_folder(tmp_path, capsys):
+    def row(family, hand_set, at_16, at_40):
+        deliveries = [Delivery(budget=b, best_trial=3, best_trial_test=t, cv_best_trial=0.7, ensemble_test=t,
+                               cv_ensemble=0.71, nested_single=0.69, nested_ensemble=0.7, members=2,
+                               delivered="single", delivered_test=t) for b, t in ((16, at_16), (40, at_40))]
+        return SeedResult(family=family, seed=5, hand_set=hand_set, tuned=at_40, plain=0.65, correlation=0.8,
+                          n_complete=30, n_pruned=10, best_trial=3, floor=0.5, ceiling=0.9, minutes=1.0,
+                          deliveries=deliveries)
+
+    for family, r in (("compartments", row("compartments", 0.70, 0.72, 0.73)), ("cells", row("cells", 0.60, 0.64, 0.62))):
+        (tmp_path / f"{family}-seed5").mkdir()
+        (tmp_path / f"{family}-seed5" / "result.json").write_text(json.dumps(asdict(r)))
+        assert load_result(tmp_path / f"{family}-seed5" / "result.json") == r
+    print_stored_results(tmp_path, ["compartments", "cells"], [5])
+    out = capsys.readouterr().out
+    assert "(40 trials per study; defaults chosen on family compartments)" in out
+    assert "cells (held out, 1 data sets): mean gain +0.0200" in out  # the whole study: 0.62 - 0.60
+    assert "cells after 16 trials: mean gain +0.0400, worst +0.0400, delivered beats hand-set 1 of 1" in out
+    assert "compartments after 40 trials: mean gain +0.0300" in out
+    with pytest.raises(InputError, match="cells-seed6/result.json: no result"):
+        print_stored_results(tmp_path, ["cells"], [6])

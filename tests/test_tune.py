@@ -397,31 +397,6 @@ def test_a_new_study_warm_starts_from_the_best_recipes_of_earlier_ones(tmp_path,
             assert t.params["model.dropout"] <= 0.1
 
 
-def test_a_new_study_runs_the_portfolio_after_the_hand_set_recipe_then_the_warm_start(tmp_path, train_set):
-    first = _study(tmp_path, base_raw("tune.pruner=none", "tune.warm_start=0"), 2, train_set)
-    portfolio = ("tune.portfolio=[{model.dropout: 0.05, loss.alpha: 0.2}, {model.dropout: 0.05, loss.alpha: 0.2}, "
-                 "{model.fusion: film}, {model.dropout: 0.9}]")
-    lines = []
-    raw = base_raw("tune.pruner=none", "tune.warm_start=1", portfolio)
-    study = run_study(raw, train_set, 4, "t", f"sqlite:///{tmp_path}/s.db", artifact_dir=tmp_path / "artifacts",
-                      live=False, log=lines.append)
-    hand_set = defaults(parse_space(raw["tune"]["space"]), raw)
-    trials = study.trials
-    assert trials[0].user_attrs["hand_set"] is True
-    # in order, each completed with the hand-set values; a repeat and a value outside the space are skipped
-    assert [t.user_attrs.get("portfolio") for t in trials[1:3]] == [0, 2]
-    assert trials[1].params == {**hand_set, "model.dropout": 0.05, "loss.alpha": 0.2}
-    assert trials[2].params == {**hand_set, "model.fusion": "film"}
-    assert trials[3].user_attrs["warm_start"] == {"study": first.study_name, "trial": 1,  # then the earlier
-                                                  "value": round(first.trials[1].value, 6)}  # study's other recipe
-    assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert lines[:4] == ["portfolio: queued recipe 0", "portfolio: recipe 1 skipped, the same as one queued before it",
-                         "portfolio: queued recipe 2", "portfolio: recipe 3 skipped, it lies outside tune.space"]
-    # a name that is no params field stops the study before it starts, naming it
-    with pytest.raises(InputError, match=r"tune.portfolio\[0\]: 'model.dropuot' is no params field"):
-        _study(tmp_path, base_raw("tune.portfolio=[{model.dropuot: 0.1}]"), 1, train_set)
-
-
 def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_set, tiny_patches):
     from src.engine.final_model import final_model
     from src.model.checkpoint import load_checkpoint, save_checkpoint

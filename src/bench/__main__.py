@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     search.add_argument("--params", type=Path, default=Path("params.yaml"))
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for every seed (repeatable)")
+    search.add_argument("--report", action="store_true",
+                        help="print the rows a finished run left in the work folder (result.json), running nothing")
     capacity = sub.add_parser("capacity", help="one CV fold per backbone recipe: score and time")
     capacity.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store (default data/patches)")
     capacity.add_argument("--fold", type=int, default=0, help="which training slide is held out (default 0)")
@@ -75,9 +77,14 @@ def main(argv: list[str] | None = None) -> None:
 
         print_study(bench_study(args.trials, args.patches, args.set, args.work))
     elif args.what == "search":
-        from src.bench.search import bench_search
+        if args.report:
+            from src.bench.search_results import print_stored_results
 
-        bench_search(args.families, args.seeds, args.params, args.set, args.work, args.trials, args.replay)
+            print_stored_results(args.work, args.families, args.seeds)
+        else:
+            from src.bench.search import bench_search
+
+            bench_search(args.families, args.seeds, args.params, args.set, args.work, args.trials, args.replay)
     elif args.what == "data":
         from src.bench.data import bench_data, print_data
 

@@ -1,9 +1,13 @@
 """The rows of ``python -m src.bench search`` and how they are printed: per data set, per family, per budget."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from src.core.errors import InputError
 
 DEFAULTS_CHOSEN_ON = "compartments"  # the family the defaults, space and levers were chosen on
 
@@ -139,3 +143,21 @@ def budget_summaries(family: str, results: list[SeedResult]) -> list[str]:
                      f"ResNet-18 {sum(d.delivered_test > r.plain for d, r in zip(delivered, results))} of "
                      f"{len(results)}, mean test {np.mean([d.delivered_test for d in delivered]):.4f}")
     return lines
+
+
+def load_result(path: Path) -> SeedResult:
+    """A row as ``run_seed`` wrote it (``result.json``); the pruner replays are left out."""
+    raw = json.loads(path.read_text())
+    raw["deliveries"] = [Delivery(**d) for d in raw["deliveries"]]
+    raw["replay"] = []
+    return SeedResult(**raw)
+
+
+def print_stored_results(work: Path, families: list[str], seeds: list[int]) -> None:
+    """The tables of a finished run from its work folder, whatever the code or params are now."""
+    paths = [work / f"{family}-seed{seed}" / "result.json" for family in families for seed in seeds]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: no result (run python -m src.bench search first)")
+    results = [load_result(p) for p in paths]
+    print_results(results, max(r.deliveries[-1].budget for r in results))

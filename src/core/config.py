@@ -179,8 +179,6 @@ class TuneConfig(Section, key="tune"):
     # the ensemble is delivered where the nested CV scores it above the best trial; 0 = always the best trial
     space: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> field -> range or choices
     # (checked against these dataclasses by src.search.space.parse_space when a study or retrain reads it)
-    portfolio: list[dict[str, Any]] = field(default_factory=list)  # recipes ("section.field" -> value) a new
-    # study runs after the hand-set one (src.search.warm_start)
 
 
 @dataclass(frozen=True)

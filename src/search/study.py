@@ -1,5 +1,5 @@
 """A study's life cycle: create or resume it under a name tied to its recipe, data and code, queue the
-hand-set recipe, the portfolio and warm-start recipes, run trials to the target count, reopen it later."""
+hand-set recipe and warm-start recipes, run trials to the target count, reopen it later."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +19,7 @@ from src.search.objective import DVC_EXPERIMENTS_ATTR, HAND_SET, INTERRUPT, TRIA
 from src.search.pruning import make_pruner
 from src.search.space import check_space, defaults, parse_space
 from src.search.storage import create_storage, is_journal, open_study, reap_dead_local_workers
-from src.search.warm_start import check_portfolio, enqueue_portfolio, enqueue_warm_start
+from src.search.warm_start import enqueue_warm_start
 
 STUDIES_DIR = Path("studies")
 DEFAULT_STORAGE = f"sqlite:///{STUDIES_DIR}/studies.db"
@@ -76,7 +76,6 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
     if not space:
         raise InputError("params: tune.space is empty: nothing to search")
     check_space(space, base_raw, patch_set.patch_size)
-    check_portfolio(params.tune.portfolio)
     check_device(default_device())  # a GPU without torchsort's CUDA op: one error now, not a crash per trial
     hand_set = defaults(space, base_raw)
     n_folds = fold_count(params.cv, patch_set.spots["slide"].to_numpy())
@@ -89,9 +88,7 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
             study.set_user_attr(key, value)
         study.set_user_attr("versions", library_versions())
         enqueue_defaults(study, hand_set)
-        queued, lines = enqueue_portfolio(study, space, hand_set, params.tune.portfolio)
-        lines += enqueue_warm_start(study, storage, study_name, space, hand_set, params.tune.warm_start, queued)
-        for line in lines:
+        for line in enqueue_warm_start(study, storage, study_name, space, hand_set, params.tune.warm_start):
             log(line)
     log(describe_study(study, created, study_name, identity, storage))
     experiment = dvc_experiment()
