@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     capacity.add_argument("--patches", type=Path, default=Path("data/patches"), help="patch store (default data/patches)")
     capacity.add_argument("--fold", type=int, default=0, help="which training slide is held out (default 0)")
     capacity.add_argument("--cache-dir", default="cache/bench-capacity", help="feature cache and backbones folder")
+    capacity.add_argument("--recipes", nargs="+", type=int, default=None, metavar="I",
+                          help="which recipes of src.bench.capacity.RECIPES to run, by position (default all)")
     capacity.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override params for every recipe (repeatable)")
     study = sub.add_parser("study", help="a whole study cached vs uncached, and a cached trial's profile")
@@ -69,9 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         scales = [tuple(int(v) for v in text.split("x")) for text in args.scales]
         print_scale(bench_scale(scales, args.work, args.set))
     elif args.what == "capacity":
-        from src.bench.capacity import bench_capacity, print_capacity
+        from src.bench.capacity import RECIPES, bench_capacity, print_capacity
 
-        print_capacity(bench_capacity(args.patches, args.fold, args.set, args.cache_dir))
+        names = [list(RECIPES)[i] for i in args.recipes] if args.recipes else None
+        print_capacity(bench_capacity(args.patches, args.fold, args.set, args.cache_dir, names))
     elif args.what == "study":
         from src.bench.study import bench_study, print_study
 
