@@ -118,16 +118,22 @@ def print_budgets(console, results: list[SeedResult]) -> None:
 
 
 def family_summary(family: str, results: list[SeedResult]) -> str:
-    gains = [r.gain for r in results]
     ensemble_minus_best = [r.delivered.ensemble_test - r.delivered.best_trial_test for r in results]
     role = "defaults chosen here" if family == DEFAULTS_CHOSEN_ON else "held out"
-    return (f"{family} ({role}, {len(results)} data sets): mean gain {np.mean(gains):+.4f}, worst {min(gains):+.4f}, "
-            f"delivered beats hand-set {sum(g > 0 for g in gains)} of {len(gains)}, beats the plain ResNet-18 "
-            f"{sum(r.delivered.delivered_test > r.plain for r in results)} of {len(results)}; ensemble - best trial "
+    return (f"{family} ({role}, {len(results)} data sets): "
+            f"{gain_summary(results, [r.delivered for r in results])}; ensemble - best trial "
             f"on the test {np.mean(ensemble_minus_best):+.4f}, ensemble delivered "
             f"{sum(r.delivered.delivered == 'ensemble' for r in results)} of {len(results)}; mean skill "
             f"{np.mean([r.skill for r in results]):.2f}, mean CV-test rank correlation "
             f"{np.nanmean([r.correlation for r in results]):.2f}")
+
+
+def gain_summary(results: list[SeedResult], delivered: list[Delivery]) -> str:
+    """Mean and worst gain of ``delivered`` (one per data set) over the hand-set recipe, wins over it and the peer."""
+    gains = [d.delivered_test - r.hand_set for d, r in zip(delivered, results)]
+    return (f"mean gain {np.mean(gains):+.4f}, worst {min(gains):+.4f}, delivered beats hand-set "
+            f"{sum(g > 0 for g in gains)} of {len(gains)}, beats the plain ResNet-18 "
+            f"{sum(d.delivered_test > r.plain for d, r in zip(delivered, results))} of {len(results)}")
 
 
 def budget_summaries(family: str, results: list[SeedResult]) -> list[str]:
@@ -137,11 +143,8 @@ def budget_summaries(family: str, results: list[SeedResult]) -> list[str]:
         delivered = [r.delivered_at(budget) for r in results]
         if any(d is None for d in delivered):
             continue
-        gains = [d.delivered_test - r.hand_set for d, r in zip(delivered, results)]
-        lines.append(f"{family} after {budget} trials: mean gain {np.mean(gains):+.4f}, worst {min(gains):+.4f}, "
-                     f"delivered beats hand-set {sum(g > 0 for g in gains)} of {len(gains)}, beats the plain "
-                     f"ResNet-18 {sum(d.delivered_test > r.plain for d, r in zip(delivered, results))} of "
-                     f"{len(results)}, mean test {np.mean([d.delivered_test for d in delivered]):.4f}")
+        lines.append(f"{family} after {budget} trials: {gain_summary(results, delivered)}, "
+                     f"mean test {np.mean([d.delivered_test for d in delivered]):.4f}")
     return lines
 
 
