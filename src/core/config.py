@@ -147,7 +147,7 @@ class CVConfig(Section, key="cv"):
 @dataclass(frozen=True)
 class PretrainConfig(Section, key="pretrain"):
     epochs: Annotated[int, AtLeast(0)]  # the whole backbone's own training on each CV fold's training spots,
-    # before the trials fine-tune its last blocks (src.engine.pretraining); 0 = off
+    # before the trials train a head on it (and its last model.unfrozen_blocks; src.engine.pretraining); 0 = off
     lr: Annotated[float, Above(0)]  # its AdamW learning rate (backbone and a small head)
     weight_decay: Annotated[float, AtLeast(0)]  # its AdamW weight decay
     context: Annotated[float, Within(0.05, 1.0)]  # share of the patch edge it sees

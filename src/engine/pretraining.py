@@ -1,4 +1,4 @@
-"""The backbone's own training on a fold's training spots, before the trials fine-tune its last blocks.
+"""The backbone's own training on a fold's training spots, before the trials train a head on its features.
 
 With random weights (``model.pretrained: false``, no ``model.weights``) a frozen prefix computes
 random features, and a search over the last blocks and the head cannot make up for it: a plain,
@@ -6,8 +6,9 @@ fully trained ResNet-18 beat every such recipe on both simulated families. The s
 last stage of an ImageNet backbone; here, as a stand-in for those weights, every CV fold first
 trains the whole backbone on its own training spots with one fixed recipe (``pretrain``: MSE on
 log(abundance + epsilon), flips, no coordinates, no smoothing; ``pretrain.epochs`` passes), and every
-trial of the study starts from that fold's weights. A fold's validation spots are never seen, so the
-CV stays honest; the delivered fold models carry their own weights.
+trial of the study starts from that fold's weights (by default it trains only a head on their
+cached features; ``model.unfrozen_blocks`` > 0 also trains the last blocks). A fold's validation
+spots are never seen, so the CV stays honest; the delivered fold models carry their own weights.
 
 The weights are kept under ``train.cache_dir/backbones``, keyed by the patch store, the fold's rows,
 the backbone, its input and this recipe, so a study trains each fold's backbone once (under a file
