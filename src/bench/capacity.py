@@ -3,9 +3,9 @@
 One leave-one-slide-out fold (``--fold``: which training slide is held out) of a patch store, for each
 recipe of ``RECIPES``: trained on the other slides, scored on the held-out one (TTA, no smoothing, and
 with sigma 25 px), with its wall time. The recipes: the default (the backbone pretrained on the fold's
-spots, a head trained on its features), with its last stage trained too, at 64 px, the previous default (``convnext_atto`` with a frozen,
-randomly initialised prefix), and fully trained small timm backbones at 32 and 64 px (the plain peer's
-kind). The pretraining's time is part of the first recipe that needs it (later ones reuse its weights).
+spots, a head trained on its features), the same with its last 2 blocks trained too and at 64 px,
+the previous default (``convnext_atto`` with a frozen, randomly initialised prefix), and fully
+trained small timm backbones at 32 and 64 px (the plain peer's kind). The pretraining's time is part of the first recipe that needs it (later ones reuse its weights).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from src.bench.search import plain_baseline
 PREVIOUS_DEFAULT = ["model.backbone=convnext_atto", "model.input_size=64", "model.context=0.67", "pretrain.epochs=0"]
 RECIPES = {
     "default (pretrained per fold, head only)": [],
-    "default, last stage trained too (unfrozen_blocks 2)": ["model.unfrozen_blocks=2"],
+    "default, last 2 blocks trained too (unfrozen_blocks 2)": ["model.unfrozen_blocks=2"],
     "default at 64 px": ["model.input_size=64"],
     "previous default (convnext_atto, random frozen prefix)": PREVIOUS_DEFAULT,
     "resnet18 fully trained, 32 px": [*plain_baseline(), "model.input_size=32"],
