@@ -25,6 +25,17 @@ def test_imports_keep_the_layers_and_optuna_stays_in_the_search():
     assert "broken" not in run.stdout.lower().split("contracts:")[-1].replace("0 broken", "")
 
 
+def test_every_module_of_src_lies_in_a_layer():
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers")["layers"]
+    named = {name.strip() for layer in layers for name in layer.split("|")}
+    top = {f"src.{p.stem}" for p in (ROOT / "src").glob("*.py") if p.stem != "__init__"}
+    top |= {f"src.{p.name}" for p in (ROOT / "src").iterdir() if (p / "__init__.py").is_file()}
+    assert top <= named, f"outside the layers contract: {sorted(top - named)}"
+
+
 @pytest.mark.parametrize("module, line, contract", [
     ("src/data/slides.py", "from src.model import network  # noqa", "src.data is not allowed to import src.model"),
     ("src/engine/metrics.py", "import optuna  # noqa", "src.engine.metrics -> optuna"),

@@ -41,6 +41,11 @@ def train_set(tiny_patches):
     ("loss.alpha", {"low": 0, "high": 1, "scale": 2}, "a range needs low and high"),
     ("train.lr_head", {"low": 0, "high": 1, "log": True}, "log ranges need low > 0"),
     ("model.unfrozen_blocks", {"low": 0.5, "high": 3}, "integer field"),
+    ("train.lr_head", {"low": 1e-4, "high": 1e-2, "log": True, "step": 1e-4}, "log and step = 0.0001 together"),
+    ("train.epochs", {"low": 1, "high": 8, "log": True, "step": 2}, "only with step 1"),
+    ("train.epochs", {"low": 1, "high": 8, "step": 0.5}, "step = 0.5: expected a positive integer"),
+    ("loss.alpha", {"low": 0, "high": 1, "step": 0}, "step = 0: expected a positive number"),
+    ("loss.alpha", {"low": 0, "high": 1, "log": "yes"}, "log = 'yes': expected true or false"),
     ("model.fusion", {"low": 0, "high": 1}, "a name field needs {choices"),
     ("model.fusion", {"choices": [1, 2]}, "choice 1 is not a valid name"),
     ("model.fusion", {"choices": ["product", "sum"]},
@@ -386,6 +391,16 @@ def test_a_new_study_warm_starts_from_the_best_recipes_of_earlier_ones(tmp_path,
     for t, source in zip(warm, ranked):  # the earlier recipe, run again (fields new to it: hand-set values)
         assert {k: t.params[k] for k in source.params} == source.params and t.state == TrialState.COMPLETE
     assert sum(line.startswith("warm start: queued trial") for line in lines) == 2
+    # Another data file (here: other abundances) starts from the hand-set recipe alone, although a study
+    # of the same name exists.
+    other_data = replace(train_set, spots=train_set.spots.assign(
+        **{t: train_set.spots[t] * 1.5 for t in train_set.targets}))
+    lines.clear()
+    other = run_study(base_raw("tune.pruner=none", "tune.warm_start=2", "model.dropout=0.15"), other_data, 1, "t",
+                      f"sqlite:///{tmp_path}/s.db", artifact_dir=tmp_path / "artifacts", live=False, log=lines.append)
+    assert other.user_attrs["data"] != first.user_attrs["data"]
+    assert not any("warm_start" in t.user_attrs for t in other.trials)
+    assert not any(line.startswith("warm start") for line in lines)
     # Off with one key; recipes outside a narrowed space are not queued.
     off = _study(tmp_path, base_raw("tune.pruner=none", "tune.warm_start=0", "model.dropout=0.25"), 1, train_set)
     assert not any("warm_start" in t.user_attrs for t in off.trials)

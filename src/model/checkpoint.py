@@ -55,13 +55,16 @@ def save_recipes(path: str | Path, recipes: list[tuple[SpatialCellModel | Ensemb
         "code_version": code_version(),
         "data_digest": data_digest,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)  # a file object: the archive's inner folder is "archive", not the temporary name
 
 
 def _recipe_payload(model: SpatialCellModel | Ensemble, loss: LossConfig, infer: InferConfig, weight: float) -> dict:
     members = list(model.members) if isinstance(model, Ensemble) else [model]
-    return {"model_config": dataclasses.asdict(model.cfg), "preprocessing": dataclasses.asdict(model.preprocessing),
+    # Where the weights came from (a fold backbone under this checkout's cache, a hub name) is not
+    # stored: the state dicts hold them, and a path would make two checkouts write different bytes.
+    config = dataclasses.asdict(dataclasses.replace(model.cfg, weights="", pretrained=False))
+    return {"model_config": config, "preprocessing": dataclasses.asdict(model.preprocessing),
             "target_transform": loss.target_transform, "log_epsilon": loss.log_epsilon,
             "infer": dataclasses.asdict(infer), "weight": float(weight),
             "state_dicts": [m.state_dict() for m in members]}

@@ -138,12 +138,22 @@ def parse_space(raw_space: dict[str, dict]) -> list[SearchParam]:
         low, high = spec["low"], spec["high"]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
             raise InputError(f"{where}: low = {low!r} and high = {high!r} must be numbers with low <= high")
-        log = bool(spec.get("log", False))
+        log, step = spec.get("log", False), spec.get("step")
+        if not isinstance(log, bool):
+            raise InputError(f"{where}: log = {log!r}: expected true or false")
         if log and low <= 0:
             raise InputError(f"{where}: log ranges need low > 0, got {low}")
         kind = "int" if field_type is int else "float"
         if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
             raise InputError(f"{where}: {name} is an integer field; low/high must be integers")
+        if step is not None:  # Optuna's own rules, which it would only raise inside the first trial
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 \
+                    or (kind == "int" and not float(step).is_integer()):
+                raise InputError(f"{where}: step = {step!r}: expected a positive "
+                                 f"{'integer' if kind == 'int' else 'number'}")
+            if log and (kind == "float" or step != 1):
+                raise InputError(f"{where}: log and step = {step!r} together: Optuna samples a log range "
+                                 f"{'without a step' if kind == 'float' else 'only with step 1'}; drop one")
         for end in (low, high):
             _check_searched(where, name, float(end) if kind == "float" else int(end), "range end")
         out.append(SearchParam(name, kind, low=low, high=high, log=log, step=spec.get("step")))

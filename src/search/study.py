@@ -88,7 +88,8 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
             study.set_user_attr(key, value)
         study.set_user_attr("versions", library_versions())
         enqueue_defaults(study, hand_set)
-        for line in enqueue_warm_start(study, storage, study_name, space, hand_set, params.tune.warm_start):
+        for line in enqueue_warm_start(study, storage, study_name, identity["data"], space, hand_set,
+                                       params.tune.warm_start):
             log(line)
     log(describe_study(study, created, study_name, identity, storage))
     experiment = dvc_experiment()

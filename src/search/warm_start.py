@@ -30,13 +30,16 @@ def fitting_recipe(params: dict[str, Any], space: list[SearchParam], hand_set: d
     return {**hand_set, **params}
 
 
-def earlier_recipes(storage: optuna.storages.BaseStorage, name: str, current: str, space: list[SearchParam],
-                    hand_set: dict[str, Any], k: int) -> list[tuple[dict, dict]]:
-    """Up to ``k`` distinct (recipe, origin) pairs from earlier studies ``name-*``, best first per
-    study, newest study first; the hand-set recipe itself is not repeated."""
+def earlier_recipes(storage: optuna.storages.BaseStorage, name: str, current: str, data: str,
+                    space: list[SearchParam], hand_set: dict[str, Any], k: int) -> list[tuple[dict, dict]]:
+    """Up to ``k`` distinct (recipe, origin) pairs from earlier studies ``name-*`` of the training data
+    ``data`` (a patch store digest), best first per study, newest study first; the hand-set recipe itself
+    is not repeated. Recipes tuned on other data do not carry over (docs/recipe-and-search.md)."""
     chosen: list[tuple[dict, dict]] = []
     seen = [hand_set]
     for frozen in earlier_versions(storage, name, current):
+        if frozen.user_attrs.get("data") != data:
+            continue
         if len(chosen) >= k:
             break
         trials = storage.get_all_trials(storage.get_study_id_from_name(frozen.study_name), deepcopy=False,
@@ -53,13 +56,13 @@ def earlier_recipes(storage: optuna.storages.BaseStorage, name: str, current: st
     return chosen
 
 
-def enqueue_warm_start(study: optuna.Study, storage: optuna.storages.BaseStorage, name: str,
+def enqueue_warm_start(study: optuna.Study, storage: optuna.storages.BaseStorage, name: str, data: str,
                        space: list[SearchParam], hand_set: dict[str, Any], k: int) -> list[str]:
-    """Queue the earlier recipes on a new study; returns one line per queued recipe."""
+    """Queue the earlier recipes of the same data on a new study; returns one line per queued recipe."""
     if k <= 0:
         return []
     lines = []
-    for recipe, origin in earlier_recipes(storage, name, study.study_name, space, hand_set, k):
+    for recipe, origin in earlier_recipes(storage, name, study.study_name, data, space, hand_set, k):
         study.enqueue_trial(recipe, user_attrs={WARM_START_ATTR: origin})
         lines.append(f"warm start: queued trial {origin['trial']} of study {origin['study']} "
                      f"(CV spearman {origin['value']:.4f} there)")
