@@ -138,9 +138,10 @@ bench: setup
 	$(BIN)/python -m src.bench trial --set model.unfrozen_blocks=1
 
 # Experiments side by side: metrics, the tuned recipe and the params that differ; not the search space,
-# dependency hashes or code files (`dvc exp show` for everything).
+# dependency hashes, code files, the CV figures evaluate repeats from tune.json or the selection's upward-biased
+# ones (`dvc exp show` for everything).
 DVC = $(if $(wildcard $(BIN)/dvc),$(BIN)/dvc,dvc)
-EXPS_DROP := ^(src/[^:]*|data/[^:]*|metrics/[^:]*|models/[^:]*|tune\.space\..*|Created|State|Executor|trial|studies/best_params\.yaml:(study|cv_spearman|trial)|metrics/evaluate\.json:cv_spearman|metrics/tune\.json:floor_spearman)$$
+EXPS_DROP := ^(src/[^:]*|data/[^:]*|metrics/[^:]*|models/[^:]*|tune\.space\..*|Created|State|Executor|trial|studies/best_params\.yaml:(study|cv_spearman|trial)|metrics/evaluate\.json:cv_.*|metrics/tune\.json:(floor_spearman|map_floor_spearman|nested_.*|biased_upward\..*))$$
 exps:
 	@COLUMNS=$${COLUMNS:-300} $(DVC) exp show --no-pager --only-changed --drop '$(EXPS_DROP)' $(ARGS)
 
@@ -148,10 +149,9 @@ exps:
 plots: vega
 	$(DVC) plots $(if $(REVS),diff $(REVS),show) --html-template $(VEGA_DIR)/offline.html
 
-# Review studies (trials, params, artifacts) at http://127.0.0.1:8080
+# Review studies (trials, params, artifacts) at http://127.0.0.1:8080 (tune.storage; one line if none exists yet)
 dashboard: setup
-	$(BIN)/optuna-dashboard sqlite:///studies/studies.db --artifact-dir studies/artifacts \
-	  --host 127.0.0.1 --port 8080
+	$(BIN)/python -m src.dashboard --host 127.0.0.1 --port 8080
 
 clean:
 	rm -rf data/simulated.h5 data/simulated_truth.h5 data/normalized data/patches models outputs .pytest_cache

@@ -8,8 +8,10 @@ Test slide is stain-normalized to that reference, cropped around its spots and p
 one row per test spot, ``ID`` (row of the concatenated test spot tables), ``slide``, ``x``, ``y``, then
 one column per cell type. ``--table``: the same with the spots' barcodes and source coordinates when
 the file was imported. ``--h5ad``: an AnnData file with the predictions in ``obsm["predicted_abundance"]``
-(and as ``X``), the coordinates in ``obsm["spatial"]`` and the slides' scalefactors under ``uns["spatial"]``.
-``--maps DIR``: one spatial map per slide (``DIR/<slide>.png``, the most variable predicted cell types).
+(and as ``X``), the coordinates in ``obsm["spatial"]`` and each slide's hires and lowres image with its
+scalefactors under ``uns["spatial"]``, as squidpy and scanpy draw them. ``--maps DIR``: one spatial map
+per slide (``DIR/<slide>.png``: the most variable predicted cell types on the tissue, with colour bars).
+Every value is an abundance on the training table's scale, comparable across spots and slides.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ import pandas as pd
 
 from src.core.errors import InputError, exit_on_input_error
 from src.core.files import write_csv
+from src.data.ingestion import COMPETITION_UM_PER_PX, VISIUM_SPOT_UM
 from src.data.patch_extraction import crop_test_slides
-from src.data.prediction_files import write_prediction_csv, write_prediction_h5ad
+from src.data.patch_set import PatchSet
+from src.data.prediction_files import SlideSource, write_prediction_csv, write_prediction_h5ad
 from src.data.slides import open_h5, read_fullres, slide_refs
 from src.data.stain import StainNormalizer
 from src.engine.inference import predict_abundance
@@ -45,20 +49,29 @@ def predict_file(model_path: Path, h5_path: Path, out: Path, table: Path | None 
     frame.insert(0, "ID", np.arange(len(frame)))
     frame = pd.concat([frame, pd.DataFrame(pred, columns=names)], axis=1)
     if h5ad is not None:
-        write_prediction_h5ad(h5ad, spots, pred, names, _slide_sources(h5_path))
+        write_prediction_h5ad(h5ad, spots, pred, names, _slide_sources(h5_path, patch_set))
     if table is not None:
         write_prediction_csv(table, spots, pred, names)
     if maps is not None:
         maps.mkdir(parents=True, exist_ok=True)
         for slide, rows in spots.groupby("slide", sort=False).indices.items():
-            spatial_map(maps / f"{slide}.png", spots[["x", "y"]].to_numpy()[rows], pred[rows], names, None, slide)
+            spatial_map(maps / f"{slide}.png", spots[["x", "y"]].to_numpy()[rows], pred[rows], names, None, slide,
+                        patch_set.slide_image(slide))
     write_csv(out, frame)
     return frame
 
 
-def _slide_sources(h5_path: Path) -> dict[str, dict]:
+def _slide_sources(h5_path: Path, patch_set: PatchSet) -> dict[str, SlideSource]:
+    """Each test slide's image (as predicted) and how its pixels relate to the source's."""
     with open_h5(h5_path) as h5:
-        return {ref.name: (read_fullres(h5, ref) or (None, {}))[1] for ref in slide_refs(h5) if ref.split == "Test"}
+        um_per_px = float(h5.attrs.get("um_per_px", COMPETITION_UM_PER_PX))
+        out = {}
+        for ref in (r for r in slide_refs(h5) if r.split == "Test"):
+            attrs = (read_fullres(h5, ref) or (None, {}))[1]
+            out[ref.name] = SlideSource(image=patch_set.slide_image(ref.name), scale=float(attrs.get("scale", 1.0)),
+                                        spot_diameter=VISIUM_SPOT_UM / um_per_px, library_id=attrs.get("library_id", ""),
+                                        scalefactors=attrs.get("scalefactors", {}))
+    return out
 
 
 @exit_on_input_error

@@ -1,7 +1,8 @@
 """Stage ``train``: the delivered model, written as a self-describing checkpoint: params.yaml's
 recipe, a study's best trial (``--best``), or what the study delivers (``--ensemble``: its best
 trial or the ensemble of trials selected on their out-of-fold predictions, each member built as
-``train.final`` says, weighted as selected).
+``train.final`` says, weighted as selected). Members the study already trained are taken from the model
+store, and each member built here is stored as soon as it is (``src.engine.model_store``).
 
 ``python -m src.train --ensemble studies/ensemble.yaml --patches data/patches --out models/model.pt``
 """
@@ -16,6 +17,7 @@ from src.core.errors import InputError, exit_on_input_error
 from src.data.patch_set import load_patch_set
 from src.engine.final_model import final_model
 from src.model.checkpoint import save_checkpoint, save_recipes
+from src.model.targets import rank_scale
 from src.search.recipe import params_for_best, params_for_delivery
 
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {kind}, epochs {epochs}, smoothing sigma {params.infer.smoothing_sigma:g} px, weight {weight:g}")
         built.append((model, params.loss, params.infer, weight))
     shared = {"targets": patch_set.targets, "patch_size": patch_set.patch_size, "stain": stain,
-              "data_digest": patch_set.digest()}
+              "rank_scale": rank_scale(patch_set.abundance).tolist(), "data_digest": patch_set.digest()}
     if len(built) == 1:
         model, loss, infer, _ = built[0]
         save_checkpoint(args.out, model, loss=loss, infer=infer, **shared)

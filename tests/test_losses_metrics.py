@@ -5,10 +5,25 @@ from scipy.stats import spearmanr
 
 from src.core.config import LossConfig
 from src.core.errors import InputError
-from src.engine.metrics import competition_score, floor_score, per_type_spearman, skill, spot_spearman
+from src.engine.metrics import (
+    competition_score,
+    floor_score,
+    map_per_type,
+    map_score,
+    position_floor,
+    skill,
+    spot_spearman,
+)
 from src.engine.smoothing import smooth, smooth_slide
 from src.model.losses import AbundanceLoss, soft_spearman
-from src.model.targets import from_abundance_scale, target_ranks, to_abundance_scale, transform_targets
+from src.model.targets import (
+    ABUNDANCE_FLOOR,
+    from_abundance_scale,
+    rank_scale,
+    target_ranks,
+    to_abundance_scale,
+    transform_targets,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -59,14 +74,39 @@ def test_target_transforms_keep_the_within_spot_order_and_never_log_zero():
     assert all(np.isfinite(v).all() for v in outputs.values())
     np.testing.assert_allclose(outputs["log1p"], np.log1p(abundance))
     np.testing.assert_allclose(outputs["rank"][1], [4, 1.5, 1.5, 3] / np.float64(4))
+    scale = rank_scale(abundance)
     for kind, values in outputs.items():
-        assert competition_score(to_abundance_scale(values, kind, 1e-10), abundance) == pytest.approx(1.0)
-    np.testing.assert_allclose(to_abundance_scale(outputs["log"], "log", 1e-10), abundance, atol=1e-9)
+        assert competition_score(to_abundance_scale(values, kind, 1e-10, scale), abundance) == pytest.approx(1.0)
+    np.testing.assert_allclose(to_abundance_scale(outputs["log"], "log", 1e-10, scale), abundance, atol=1e-9)
     for kind, values in outputs.items():  # the OOF tables are saved on the abundance scale and read back
-        np.testing.assert_allclose(from_abundance_scale(to_abundance_scale(values, kind, 1e-10), kind), values)
+        back = from_abundance_scale(to_abundance_scale(values, kind, 1e-10, scale), kind, scale)
+        np.testing.assert_allclose(back, values, atol=1e-9)
     assert not np.allclose(outputs["log1p"], outputs["raw"])
     with pytest.raises(ValueError, match="log targets need epsilon > 0"):
         transform_targets(abundance, "log", 0.0)
+
+
+def test_every_target_space_comes_back_as_abundances_that_compare_across_spots():
+    """What predict writes as an abundance: for every target transform, values on the scale of the
+    training table, in the same order within each spot and across the spots of each cell type."""
+    abundance = RNG.lognormal(mean=np.linspace(-6, 1, 12), sigma=1.5, size=(300, 12))
+    scale = rank_scale(abundance)
+    assert (np.diff(scale) > 0).all()
+    for kind in ("log", "log1p", "rank", "raw"):
+        predictions = transform_targets(abundance, kind, 1e-6) + RNG.normal(0, 1e-9, abundance.shape)
+        values = to_abundance_scale(predictions, kind, 1e-6, scale)
+        assert (values >= ABUNDANCE_FLOOR).all()
+        within = competition_score(values, abundance)
+        across = map_score(values, abundance, np.zeros(len(values)))
+        assert within > 0.999, (kind, within)
+        if kind != "rank":  # a within-spot rank is not an abundance: what it maps is its own order
+            assert across > 0.99, (kind, across)
+        # magnitudes: the typical value of each cell type within a factor of 30 of the table's
+        ratio = np.exp(np.abs(np.median(np.log(values), 0) - np.median(np.log(abundance), 0)))
+        assert (ratio < 30).all(), (kind, ratio.max())
+    # a predicted rank beyond the trained range still orders (linear extrapolation, no clamp)
+    beyond = to_abundance_scale(np.array([[1.2, 1.1, -0.1, -0.2] + [0.5] * 8]), "rank", 0.0, scale)[0]
+    assert beyond[0] > beyond[1] > beyond[4] > beyond[2] > beyond[3]
 
 
 def test_log_targets_keep_apart_what_log1p_flattens():
@@ -77,7 +117,8 @@ def test_log_targets_keep_apart_what_log1p_flattens():
     assert spread["log1p"] < 1e-3 < 10 < spread["log"]
     # Back on the abundance scale the order survives, also below log(epsilon) of a large epsilon.
     predictions = np.log(np.array([[1e-4, 1e-5, 1e-6, 0.5]]))
-    assert competition_score(to_abundance_scale(predictions, "log", 1e-2), np.array([[4.0, 3.0, 2.0, 5.0]])) == 1.0
+    values = to_abundance_scale(predictions, "log", 1e-2, np.zeros(4))
+    assert competition_score(values, np.array([[4.0, 3.0, 2.0, 5.0]])) == 1.0
 
 
 def test_competition_score_floor_and_skill():
@@ -90,8 +131,36 @@ def test_competition_score_floor_and_skill():
     floor = floor_score(true, true)
     assert 0.3 < floor < 1.0
     assert skill(0.9, 0.7, 0.95) == pytest.approx(0.8)
-    per_type = per_type_spearman(true + RNG.normal(0, 0.01, true.shape), true)
-    assert per_type.shape == (35,) and (per_type > 0.9).all()
+
+
+
+def test_map_score_reads_each_cell_type_across_the_spots_of_each_slide():
+    true = RNG.gamma(0.7, size=(80, 6)) * np.linspace(3, 0.1, 6)
+    slides = np.repeat(["S_1", "S_2"], 40)
+    assert map_score(true, true, slides) == pytest.approx(1.0)
+    per_type = map_per_type(true + RNG.normal(0, 0.01, true.shape), true, slides)
+    assert per_type.shape == (6,) and (per_type > 0.9).all()
+    # within-spot ranks keep each spot's order but map nothing a pathologist could read
+    ranks = target_ranks(true)
+    assert competition_score(ranks, true) == pytest.approx(1.0) and map_score(ranks, true, slides) < 0.9
+    # the mean profile maps nothing (0), a cell type constant in truth on every slide is left out
+    profile = np.tile(true.mean(0), (80, 1))
+    assert map_score(profile, true, slides) == 0.0
+    flat = true.copy()
+    flat[:, 0] = 1.0
+    assert np.isnan(map_per_type(flat, flat, slides)[0]) and map_score(flat, flat, slides) == pytest.approx(1.0)
+    # a slide-wide offset (a slide effect) changes no map score: each slide is read on its own
+    shifted = true * np.where(slides == "S_1", 10.0, 0.1)[:, None]
+    assert map_score(shifted, true, slides) == pytest.approx(1.0)
+
+
+def test_the_position_floor_maps_what_position_alone_tells():
+    coords = RNG.uniform(size=(400, 2))
+    gradient = np.exp(np.column_stack([5 * coords[:, 0], -5 * coords[:, 1], RNG.normal(size=400)]))
+    train, test = np.arange(300), np.arange(300, 400)
+    floor = position_floor(coords[train], gradient[train], coords[test])
+    per_type = map_per_type(floor, gradient[test], np.zeros(100))
+    assert per_type[0] > 0.9 and per_type[1] > 0.9 and abs(per_type[2]) < 0.3
 
 
 def test_smoothing_matches_a_hand_computation_and_sigma_zero_is_identity():

@@ -1,6 +1,7 @@
 """Contract tests of SpatialCellModel on random tensors."""
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,7 +133,8 @@ def test_recipes_that_share_fold_backbones_store_them_once_and_load_back_exactly
         return Ensemble(members)
 
     loss, infer = LossConfig(0.5, 0.1, "log", 1e-6), InferConfig(["identity"], 0.0, 3.0, 64)
-    shared = {"targets": [f"C{i}" for i in range(1, 36)], "patch_size": 32, "stain": {}}
+    shared = {"targets": [f"C{i}" for i in range(1, 36)], "patch_size": 32, "stain": {},
+              "rank_scale": np.linspace(-20, 1, 35).tolist()}
     recipes = [recipe(1), recipe(2)]
     save_recipes(tmp_path / "one.pt", [(recipes[0], loss, infer, 1.0)], **shared)
     save_recipes(tmp_path / "two.pt", [(r, loss, infer, 0.5) for r in recipes], **shared)

@@ -15,6 +15,7 @@ from src.model.backbone_split import pool_positions
 from src.model.checkpoint import load_checkpoint, save_checkpoint
 from src.model.neighbours import neighbour_mean, spot_inputs
 from src.model.network import Ensemble, SpatialCellModel
+from src.model.targets import rank_scale
 from tests.conftest import fast_params
 from tests.helpers import format3
 
@@ -106,7 +107,8 @@ def test_checkpoint_with_neighbours_predicts_the_same_on_unlabelled_slides(tiny_
     test_set = load_patch_set(tiny_patches / "patches", "test")
     for model in (result.model, Ensemble([result.model, other])):
         save_checkpoint(tmp_path / "m.pt", model, targets=train_set.targets, loss=params.loss,
-                        patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"})
+                        patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"},
+                    rank_scale=rank_scale(train_set.abundance).tolist())
         loaded, _ = load_checkpoint(tmp_path / "m.pt")
         rows = np.arange(len(test_set.spots))
         np.testing.assert_allclose(predict(loaded, test_set, rows, ["identity", "vflip"], device=CPU),
@@ -138,7 +140,8 @@ def test_delivered_fold_models_with_own_backbones_and_neighbours_predict_from_th
     model, _ = final_model(params, train_set, log=lambda _: None)
     assert isinstance(model, Ensemble) and len(model.describers) == len(model.members) == 2  # own backbones
     save_checkpoint(tmp_path / "m.pt", model, targets=train_set.targets, loss=params.loss,
-                    patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"})
+                    patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"},
+                    rank_scale=rank_scale(train_set.abundance).tolist())
     loaded, _ = load_checkpoint(tmp_path / "m.pt")
     test_set = load_patch_set(tiny_patches / "patches", "test")
     rows = np.arange(len(test_set.spots))
@@ -152,7 +155,8 @@ def test_checkpoint_from_before_neighbour_aggregation_loads(train_set, tmp_path)
     params = fast_params()
     model = fit(params, train_set, np.arange(len(train_set.spots))[::3], show_progress=False).model
     save_checkpoint(tmp_path / "m.pt", model, targets=train_set.targets, loss=params.loss,
-                    patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"})
+                    patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"},
+                    rank_scale=rank_scale(train_set.abundance).tolist())
     payload = format3(torch.load(tmp_path / "m.pt", weights_only=True))
     del payload["model_config"]["neighbour_radius"]
     torch.save(payload, tmp_path / "old.pt")

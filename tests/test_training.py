@@ -16,6 +16,7 @@ from src.engine.inference import predict, predict_abundance
 from src.evaluate import evaluate
 from src.model.checkpoint import load_checkpoint, save_checkpoint
 from src.model.network import Ensemble, SpatialCellModel
+from src.model.targets import rank_scale
 from tests.conftest import fast_params, read_layout, write_datasets
 from tests.helpers import format3
 
@@ -119,7 +120,8 @@ def test_checkpoint_round_trip_predicts_the_same(train_set, fitted, tmp_path):
     params, result = fitted
     path = tmp_path / "model.pt"
     save_checkpoint(path, result.model, targets=train_set.targets, loss=params.loss,
-                    patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"})
+                    patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"},
+                    rank_scale=rank_scale(train_set.abundance).tolist())
     model, meta = load_checkpoint(path)
     assert meta["targets"] == train_set.targets and meta["infer"] == params.infer
     rows = _all(train_set)[:12]
@@ -127,7 +129,8 @@ def test_checkpoint_round_trip_predicts_the_same(train_set, fitted, tmp_path):
                                   predict(result.model, train_set, rows, ["identity", "vflip"]))
     other = fit(params, train_set, _all(train_set)[::2], show_progress=False).model
     save_checkpoint(tmp_path / "pair.pt", Ensemble([result.model, other]), targets=train_set.targets,
-                    loss=params.loss, patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"})
+                    loss=params.loss, patch_size=train_set.patch_size, infer=params.infer, stain={"method": "none"},
+                    rank_scale=rank_scale(train_set.abundance).tolist())
     pair, _ = load_checkpoint(tmp_path / "pair.pt")
     assert isinstance(pair, Ensemble) and len(pair.members) == 2
     np.testing.assert_allclose(predict(pair, train_set, rows, ["identity", "vflip"]),
@@ -155,7 +158,8 @@ def test_a_checkpoint_describes_itself_and_refuses_what_it_cannot_rebuild(train_
     params, result = fitted
     path = tmp_path / "model.pt"
     save_checkpoint(path, result.model, targets=train_set.targets, loss=params.loss, patch_size=train_set.patch_size,
-                    infer=params.infer, stain={"method": "none"}, data_digest=train_set.digest())
+                    infer=params.infer, stain={"method": "none"},
+                    rank_scale=rank_scale(train_set.abundance).tolist(), data_digest=train_set.digest())
     _, meta = load_checkpoint(path)
     assert meta["format"] == FORMAT and meta["data_digest"] == train_set.digest()
     prep = result.model.preprocessing
@@ -195,10 +199,11 @@ def test_cross_validation_gives_oof_for_every_spot_and_sigma_needs_no_retraining
     assert (result.fold_of >= 0).all() and len(result.fold_scores) == params.cv.n_folds
     assert np.isfinite(result.oof).all() and np.isfinite(result.score)
     assert 0 < result.floor < 1
-    unsmoothed = cv_score(result.oof, train_set, result.fold_of, 0.0, 3.0)[0]
-    smoothed = cv_score(result.oof, train_set, result.fold_of, 40.0, 3.0)[0]
+    assert -1 < result.map_floor < 1 and -1 < result.map_score < 1 and len(result.per_type) == len(train_set.targets)
+    unsmoothed = cv_score(result.oof, train_set, result.fold_of, params.loss, 0.0, 3.0)[0]
+    smoothed = cv_score(result.oof, train_set, result.fold_of, params.loss, 40.0, 3.0)[0]
     assert unsmoothed != smoothed
-    sigma, scores = choose_sigma(result.oof, train_set, result.fold_of, [0.0, 40.0, 12.5], 3.0)
+    sigma, scores = choose_sigma(result.oof, train_set, result.fold_of, params.loss, [0.0, 40.0, 12.5], 3.0)
     assert set(scores) == {0.0, 12.5, 40.0} and scores[sigma] == max(scores.values())
     assert scores[0.0] == pytest.approx(unsmoothed) and scores[40.0] == pytest.approx(smoothed)
     chosen = cross_validate(params, train_set, show_progress=False, sigmas=[0.0, 12.5, 40.0])
@@ -214,17 +219,22 @@ def checkpoint(tiny_patches, fitted, train_set, tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.pt"
     stain = json.loads((tiny_patches / "normalized" / "stain.json").read_text())
     save_checkpoint(path, result.model, targets=train_set.targets, loss=params.loss,
-                    patch_size=train_set.patch_size, infer=params.infer, stain=stain)
+                    patch_size=train_set.patch_size, infer=params.infer, stain=stain,
+                    rank_scale=rank_scale(train_set.abundance).tolist())
     return path
 
 
 CV_PER_TYPE = np.linspace(-0.1, 0.6, 35)
 
 
-def _evaluate(tiny_patches, checkpoint, truth, out):
+TUNE_METRICS = {"cv_spearman": 0.5, "floor_spearman": 0.4, "cv_map_spearman": 0.3, "map_floor_spearman": 0.1,
+                "biased_upward": {"best_trial_cv_spearman": 0.55}}
+
+
+def _evaluate(tiny_patches, checkpoint, truth, out, patches=None, log=print):
     per_type = pd.Series(CV_PER_TYPE, index=[f"C{i}" for i in range(1, 36)])
-    return evaluate(checkpoint, tiny_patches / "patches", truth, {"cv_spearman": 0.5, "cv_floor_spearman": 0.4},
-                    per_type, out / "submission.csv", out / "evaluate.json", out / "per_type.csv", out / "plots")
+    return evaluate(checkpoint, patches or tiny_patches / "patches", truth, TUNE_METRICS, per_type,
+                    out / "submission.csv", out / "evaluate.json", out / "per_type.csv", out / "plots", log=log)
 
 
 def test_evaluate_writes_submission_metrics_and_pictures(tiny_patches, tiny_dataset, checkpoint, tmp_path):
@@ -236,11 +246,15 @@ def test_evaluate_writes_submission_metrics_and_pictures(tiny_patches, tiny_data
     assert len(submission) == len(test_spots) and (submission.ID == np.arange(len(test_spots))).all()
     assert np.isfinite(submission.iloc[:, 1:].to_numpy()).all()
     saved = json.loads((out / "evaluate.json").read_text())
-    for key in ("cv_spearman", "floor_spearman", "test_spearman", "ceiling_spearman", "skill"):
+    for key in ("cv_spearman", "floor_spearman", "test_spearman", "ceiling_spearman", "skill", "map_spearman",
+                "map_floor_spearman", "map_ceiling_spearman"):
         assert np.isfinite(saved[key]), key
     assert saved["floor_spearman"] < saved["ceiling_spearman"]
+    assert saved["map_floor_spearman"] < saved["map_ceiling_spearman"]
     assert metrics["test_spearman"] == pytest.approx(saved["test_spearman"], abs=1e-6)
-    assert (out / "plots" / "spatial_map.png").stat().st_size > 1000
+    assert saved["cv_spearman"] == 0.5 and saved["cv_map_spearman"] == 0.3  # the study's nested CV
+    assert sorted(p.name for p in (out / "plots" / "maps").iterdir()) == ["S_3.png"]
+    assert (out / "plots" / "maps" / "S_3.png").stat().st_size > 1000
     assert (out / "plots" / "per_type_spearman.png").stat().st_size > 1000
     per_type = pd.read_csv(out / "per_type.csv")
     assert list(per_type.columns) == ["cell_type", "cv_spearman", "test_spearman"] and len(per_type) == 35
@@ -249,14 +263,36 @@ def test_evaluate_writes_submission_metrics_and_pictures(tiny_patches, tiny_data
 def test_evaluate_without_truth_writes_every_output_with_the_cv_figures(tiny_patches, checkpoint, tmp_path):
     metrics = _evaluate(tiny_patches, checkpoint, None, tmp_path)
     saved = json.loads((tmp_path / "evaluate.json").read_text())
-    assert saved == {"cv_spearman": 0.5, "cv_floor_spearman": 0.4, "n_test_spots": saved["n_test_spots"]}
+    assert saved == {"cv_spearman": 0.5, "cv_floor_spearman": 0.4, "cv_map_spearman": 0.3,
+                     "cv_map_floor_spearman": 0.1, "n_test_spots": saved["n_test_spots"]}
     assert metrics["cv_spearman"] == 0.5 and not any(k.startswith("test") for k in saved)
     per_type = pd.read_csv(tmp_path / "per_type.csv")
     assert list(per_type.columns) == ["cell_type", "cv_spearman"]
     np.testing.assert_allclose(per_type["cv_spearman"], CV_PER_TYPE, atol=1e-6)
-    for name in ("spatial_map.png", "per_type_spearman.png"):
+    for name in ("maps/S_3.png", "per_type_spearman.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 1000
     assert len(pd.read_csv(tmp_path / "submission.csv")) == saved["n_test_spots"]
+
+
+def test_a_file_without_test_slides_gets_the_cv_figures_and_says_so(tiny_patches, checkpoint, tmp_path):
+    """A lab's labelled slides only: the study and the model are what it is after; evaluate reports the
+    CV and writes an empty submission instead of stopping on a missing test store."""
+    import shutil
+
+    store = tmp_path / "patches"
+    shutil.copytree(tiny_patches / "patches", store)
+    meta = json.loads((store / "meta.json").read_text())
+    del meta["crops"]["test"]
+    (store / "meta.json").write_text(json.dumps(meta))
+    lines = []
+    metrics = _evaluate(tiny_patches, checkpoint, None, tmp_path / "out", patches=store, log=lines.append)
+    assert metrics["n_test_spots"] == 0 and metrics["cv_spearman"] == 0.5
+    assert len(lines) == 1 and "no Test slide: the figures are the study's CV" in lines[0]
+    assert pd.read_csv(tmp_path / "out" / "submission.csv").empty
+    assert list((tmp_path / "out" / "plots" / "maps").iterdir()) == []
+    with pytest.raises(InputError, match="a truth file, but .* holds no Test slide"):
+        _evaluate(tiny_patches, checkpoint, tmp_path / "t.h5", tmp_path / "out2", patches=store)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_a_truth_file_of_other_data_is_a_one_line_error_and_writes_nothing(tiny_patches, checkpoint, tmp_path,

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import FixedTrial, TrialState
 
@@ -415,6 +416,7 @@ def test_a_new_study_warm_starts_from_the_best_recipes_of_earlier_ones(tmp_path,
 def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_set, tiny_patches):
     from src.engine.final_model import final_model
     from src.model.checkpoint import load_checkpoint, save_checkpoint
+    from src.model.targets import rank_scale
     from src.search.outputs import StageOutputs, write_outputs
     from src.search.recipe import params_for_best
     from src.search.selection import select
@@ -434,11 +436,21 @@ def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_s
     lines = []
     model, epochs = final_model(params, train_set, log=lines.append)
     save_checkpoint(tmp_path / "model.pt", model, targets=train_set.targets, loss=params.loss,
-                    patch_size=train_set.patch_size, infer=params.infer, stain={})
+                    patch_size=train_set.patch_size, infer=params.infer, stain={},
+                    rank_scale=rank_scale(train_set.abundance).tolist())
     assert len(epochs) == 2  # one model per fold (two training slides)
-    assert f"CV spearman {study.best_value:.4f}" in lines[0]  # the very models the study scored
-    model, meta = load_checkpoint(tmp_path / "model.pt")
-    assert len(model.members) == 2 and meta["infer"].smoothing_sigma == record["smoothing_sigma"]
+    assert lines == ["2 fold models from the model store"]  # the study's own: no CV runs twice
+    loaded, meta = load_checkpoint(tmp_path / "model.pt")
+    assert len(loaded.members) == 2 and meta["infer"].smoothing_sigma == record["smoothing_sigma"]
+    # They are the very models the study scored: with an empty store the CV runs again, scores what the
+    # trial scored and trains the same weights.
+    elsewhere = replace(params, train=replace(params.train, cache_dir=str(tmp_path / "other_cache")))
+    lines.clear()
+    again, _ = final_model(elsewhere, train_set, log=lines.append)
+    assert any(f"CV spearman {study.best_value:.4f}" in line for line in lines)
+    for stored, retrained in zip(model.members, again.members):
+        for (name, a), b in zip(stored.state_dict().items(), retrained.state_dict().values()):
+            assert torch.equal(a, b), name
 
 
 def test_fold_reports_number_every_validation_block_once():

@@ -35,7 +35,8 @@ from src.data.slides import NON_TARGET_FIELDS, image_chunks
 from src.data.validation import validate_file
 from src.data.visium import SpotTable, read_abundances, read_h5ad_spots, read_spaceranger
 
-COMPETITION_UM_PER_PX = 55.0 / 26.0  # the competition's spots: 26 px across for a 55 µm Visium spot
+VISIUM_SPOT_UM = 55.0  # a Visium spot's diameter
+COMPETITION_UM_PER_PX = VISIUM_SPOT_UM / 26.0  # the competition's spots: 26 px across for a 55 µm Visium spot
 MANIFEST_COLUMNS = ("slide", "split", "spots", "image")
 SLIDE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 RESERVED = NON_TARGET_FIELDS | {"slide", "spot", "barcode", "ID"}

@@ -70,6 +70,26 @@ class PatchSet:
     def xy(self) -> np.ndarray:
         return self.spots[["x", "y"]].to_numpy(np.float64)
 
+    def slide_image(self, name: str) -> np.ndarray | None:
+        """The pixels of slide ``name`` as the patches were cut from it (H x W x 3 uint8, a view), or None
+        when the patches are a plain array."""
+        if not isinstance(self.images, SlideCrops):
+            return None
+        row = int(np.flatnonzero(self.slides == name)[0])
+        padded = self.images.slides[self.images.index[row, 0]]
+        height, width = self.slide_sizes[name]
+        pad = (padded.shape[0] - height) // 2  # the same reflect padding on every side
+        return padded[pad : pad + height, pad : pad + width]
+
+
+def has_split(folder: str | Path, split: str) -> bool:
+    """Whether the patch store holds slides of ``split`` ("train" or "test"): a file with Train slides
+    only has no test split."""
+    meta = Path(folder) / META_FILE
+    if not meta.is_file():
+        raise InputError(f"{meta}: not found (run `dvc repro patches` first)")
+    return bool(json.loads(meta.read_text()).get("crops", {}).get(split))
+
 
 def load_patch_set(folder: str | Path, split: str = "train") -> PatchSet:
     """One split of the patch store written by stage ``patches``."""

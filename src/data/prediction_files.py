@@ -1,16 +1,55 @@
 """Predictions where the field reads them: a CSV with barcodes and cell-type names, and an AnnData
-``.h5ad`` (predictions in ``obsm["predicted_abundance"]`` and as ``X``, the spots' coordinates in
-``obsm["spatial"]``, each slide's scalefactors under ``uns["spatial"]``) that scanpy and squidpy load."""
+``.h5ad`` laid out as Space Ranger data are read by scanpy and squidpy: predictions in
+``obsm["predicted_abundance"]`` and as ``X``, the spots' coordinates in ``obsm["spatial"]`` (full-resolution
+pixels of the source image), and per slide under ``uns["spatial"][library_id]`` a hires and a lowres
+image of the tissue with the scalefactors that place the spots on them (``tissue_hires_scalef``,
+``tissue_lowres_scalef``, ``spot_diameter_fullres``), so ``squidpy.pl.spatial_scatter`` and
+``scanpy.pl.spatial`` draw the predictions over the tissue with their defaults. ``obs["library_id"]``
+names each spot's slide for multi-slide plots; ``uns["predicted_abundance"]`` says what the values are."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from src.core.files import atomic_path, write_csv
 
 OBSM_KEY = "predicted_abundance"
+HIRES, LOWRES = 2000, 600  # longest side of Space Ranger's tissue_hires_image.png and tissue_lowres_image.png
+SCALE = ("abundances on the scale of the training table (the deconvolution's units), comparable across spots "
+         "and slides: the model's predictions mapped back from its target space, smoothed as the checkpoint says; "
+         "an ensemble of recipes gives the weighted geometric mean of theirs")
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """What a predicted slide's h5ad entry needs besides its spots."""
+
+    image: np.ndarray | None  # the slide as the pipeline read it (H x W x 3 uint8), in pipeline pixels
+    scale: float = 1.0  # pipeline pixels per source (full-resolution) pixel
+    spot_diameter: float = 0.0  # a spot's diameter in pipeline pixels
+    library_id: str = ""
+    scalefactors: dict = field(default_factory=dict)  # the source's (Space Ranger / .h5ad), when imported
+
+
+def spatial_entry(source: SlideSource) -> dict:
+    """``uns["spatial"][library_id]`` for one slide: hires and lowres images and their scalefactors."""
+    factors = dict(source.scalefactors)
+    factors.setdefault("spot_diameter_fullres", source.spot_diameter / source.scale)
+    entry: dict = {"scalefactors": factors, "metadata": {"image": "the slide as predicted (stain-normalized), "
+                                                                  "resampled to the hires and lowres sizes"}}
+    if source.image is not None:
+        images = {}
+        for name, longest in (("hires", HIRES), ("lowres", LOWRES)):
+            shrink = min(1.0, longest / max(source.image.shape[:2]))
+            size = (max(1, round(source.image.shape[1] * shrink)), max(1, round(source.image.shape[0] * shrink)))
+            images[name] = np.asarray(Image.fromarray(np.ascontiguousarray(source.image)).resize(size, Image.LANCZOS))
+            factors[f"tissue_{name}_scalef"] = size[0] / source.image.shape[1] * source.scale
+        entry["images"] = images
+    return entry
 
 
 def prediction_table(spots: pd.DataFrame, pred: np.ndarray, names: list[str]) -> pd.DataFrame:
@@ -25,8 +64,8 @@ def write_prediction_csv(path: Path, spots: pd.DataFrame, pred: np.ndarray, name
 
 
 def write_prediction_h5ad(path: Path, spots: pd.DataFrame, pred: np.ndarray, names: list[str],
-                          slide_meta: dict[str, dict]) -> None:
-    """``slide_meta``: per slide, the source's scalefactors and library id (imported slides)."""
+                          sources: dict[str, SlideSource]) -> None:
+    """One AnnData over every slide of ``spots``; ``sources``: per slide, its image and scale."""
     import anndata
 
     if "barcode" in spots.columns:
@@ -36,7 +75,11 @@ def write_prediction_h5ad(path: Path, spots: pd.DataFrame, pred: np.ndarray, nam
         index = spots["slide"].astype(str) + "-" + spots["spot"].astype(str)
     index = pd.Index(index.to_numpy(dtype=object), dtype=object)
     slides = spots["slide"].to_numpy(dtype=object)
-    obs = pd.DataFrame({"slide": pd.Categorical(slides, categories=pd.Index(pd.unique(slides), dtype=object)),
+    libraries = {slide: sources[slide].library_id or slide for slide in pd.unique(slides)}
+    library = np.array([libraries[s] for s in slides], dtype=object)
+    obs = pd.DataFrame({"slide": pd.Categorical(slides, categories=pd.Index(list(libraries), dtype=object)),
+                        "library_id": pd.Categorical(library, categories=pd.Index(list(libraries.values()),
+                                                                                  dtype=object)),
                         "x": spots["x"].to_numpy(),
                         "y": spots["y"].to_numpy()}, index=index)
     if "barcode" in spots.columns:
@@ -47,8 +90,8 @@ def write_prediction_h5ad(path: Path, spots: pd.DataFrame, pred: np.ndarray, nam
     full = {"x_fullres", "y_fullres"} <= set(spots.columns)
     adata.obsm["spatial"] = spots[["x_fullres", "y_fullres"] if full else ["x", "y"]].to_numpy(np.float64)
     adata.obsm[OBSM_KEY] = pd.DataFrame(pred, index=index, columns=pd.Index(list(names), dtype=object))
-    adata.uns["spatial"] = {meta.get("library_id") or slide: {"scalefactors": meta.get("scalefactors", {})}
-                            for slide, meta in slide_meta.items()}
+    adata.uns["spatial"] = {libraries[slide]: spatial_entry(sources[slide]) for slide in libraries}
     adata.uns["coordinates"] = "full-resolution pixels of the source image" if full else "pipeline pixels"
+    adata.uns[OBSM_KEY] = {"scale": SCALE, "cell_types": list(names)}
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from src.core.config import Params
+from src.core.config import LossConfig, Params
 from src.core.devices import default_device
 from src.core.locations import shared_path
 from src.data.patch_set import PatchSet
@@ -17,11 +17,12 @@ from src.data.spatial import balanced_blocks
 from src.engine.fit import fit
 from src.engine.folds import make_folds
 from src.engine.inference import predict
-from src.engine.metrics import competition_score, per_type_spearman
+from src.engine.metrics import competition_score, map_per_type, map_score, position_floor
 from src.engine.pretraining import fold_backbone, with_backbone
 from src.engine.smoothing import smooth
 from src.model.feature_cache import FeatureCaches
 from src.model.network import SpatialCellModel
+from src.model.targets import log_abundance, rank_scale
 
 
 @dataclass
@@ -33,29 +34,41 @@ class CVResult:
     sigma: float  # smoothing sigma (px) of ``score``: the best of the sigmas scored
     sigma_scores: dict[float, float]  # CV score of every sigma scored
     floor: float  # training-mean-profile score on the same validation spots
-    per_type: np.ndarray  # per-cell-type Spearman of the smoothed OOF predictions
+    map_score: float  # map score of the smoothed OOF predictions (src.engine.metrics)
+    map_floor: float  # map score of the spots' positions alone, per fold from its training spots
+    per_type: np.ndarray  # per-cell-type map score (Spearman across each slide's spots) of the smoothed OOF
     epochs_run: list[int]
     dropped: list[int]  # training spots removed by the buffer, per fold
     seconds: float
     models: list[SpatialCellModel] = field(default_factory=list)  # the fold models, when kept
 
 
-def cv_score(oof: np.ndarray, patch_set: PatchSet, fold_of: np.ndarray, sigma: float, truncate: float
-             ) -> tuple[float, list[float], np.ndarray]:
-    """Score smoothed OOF predictions: overall, per fold and per cell type (sigma needs no retraining)."""
-    truth = patch_set.abundance
+def delivered_view(oof: np.ndarray, patch_set: PatchSet, loss: LossConfig, sigma: float, truncate: float) -> np.ndarray:
+    """OOF predictions as delivered: smoothed with ``sigma`` in target space, then log abundances
+    (``src.model.targets.log_abundance``, with the rank scale of all training spots: it sets magnitudes
+    only, no order within a spot or across spots, so no score depends on it)."""
     smoothed = smooth(oof, patch_set.xy(), patch_set.slides, sigma, truncate)
-    folds = [competition_score(smoothed[fold_of == k], truth[fold_of == k]) for k in np.unique(fold_of)]
-    return competition_score(smoothed, truth), folds, per_type_spearman(smoothed, truth)
+    return log_abundance(smoothed, loss.target_transform, loss.log_epsilon, rank_scale(patch_set.abundance))
 
 
-def choose_sigma(oof: np.ndarray, patch_set: PatchSet, fold_of: np.ndarray, sigmas: list[float],
+def cv_score(oof: np.ndarray, patch_set: PatchSet, fold_of: np.ndarray, loss: LossConfig, sigma: float,
+             truncate: float) -> tuple[float, list[float], np.ndarray]:
+    """Score smoothed OOF predictions: overall, per fold and per cell type (the map score's per-type
+    values; sigma needs no retraining)."""
+    truth = patch_set.abundance
+    view = delivered_view(oof, patch_set, loss, sigma, truncate)
+    folds = [competition_score(view[fold_of == k], truth[fold_of == k]) for k in np.unique(fold_of)]
+    return competition_score(view, truth), folds, map_per_type(view, truth, patch_set.slides)
+
+
+def choose_sigma(oof: np.ndarray, patch_set: PatchSet, fold_of: np.ndarray, loss: LossConfig, sigmas: list[float],
                  truncate: float) -> tuple[float, dict[float, float]]:
     """The smoothing sigma whose smoothed OOF predictions score best (ties: the smaller sigma).
 
     Smoothing acts after the model, so every sigma is scored on the same predictions for free."""
-    xy, slides, truth = patch_set.xy(), patch_set.slides, patch_set.abundance
-    scores = {float(s): competition_score(smooth(oof, xy, slides, s, truncate), truth) for s in sorted(set(sigmas))}
+    truth = patch_set.abundance
+    scores = {float(s): competition_score(delivered_view(oof, patch_set, loss, s, truncate), truth)
+              for s in sorted(set(sigmas))}
     best = max(scores, key=lambda s: (scores[s], -s))
     return best, scores
 
@@ -91,11 +104,12 @@ def cross_validate(params: Params, patch_set: PatchSet, on_fold: FoldCallback | 
     device = device or default_device()
     if reuse is None and params.train.feature_cache:
         reuse = FeatureCaches(shared_path(params.train.cache_dir), device)
-    abundance, xy, slides = patch_set.abundance, patch_set.xy(), patch_set.slides
+    abundance, xy, slides, coords = patch_set.abundance, patch_set.xy(), patch_set.slides, patch_set.coords()
     folds = make_folds(xy, slides, params.cv, patch_set.patch_size)
     oof = np.zeros_like(abundance)
     fold_of = np.full(len(abundance), -1)
     floor_preds = np.zeros_like(abundance)
+    position_preds = np.zeros_like(abundance)
     epochs_run, models = [], []
     for k, fold in enumerate(folds):
         callback = (lambda epoch, score, k=k: on_epoch(k, epoch, score)) if on_epoch else None
@@ -106,15 +120,18 @@ def cross_validate(params: Params, patch_set: PatchSet, on_fold: FoldCallback | 
                                 params.infer.batch_size, device, cache=result.cache, reuse=reuse)
         fold_of[fold.val] = k
         floor_preds[fold.val] = abundance[fold.train].mean(axis=0)
+        position_preds[fold.val] = position_floor(coords[fold.train], abundance[fold.train], coords[fold.val])
         epochs_run.append(result.epochs_run)
         if keep_models:
             models.append(result.model)
         if on_fold is not None:
             on_fold(k, instance_scores(oof[fold.val], abundance[fold.val], xy[fold.val], slides[fold.val]))
-    sigma, sigma_scores = choose_sigma(oof, patch_set, fold_of, sigmas or [params.infer.smoothing_sigma],
-                                       params.infer.smoothing_truncate)
-    score, fold_scores, per_type = cv_score(oof, patch_set, fold_of, sigma, params.infer.smoothing_truncate)
+    truncate = params.infer.smoothing_truncate
+    sigma, sigma_scores = choose_sigma(oof, patch_set, fold_of, params.loss, sigmas or [params.infer.smoothing_sigma],
+                                       truncate)
+    score, fold_scores, per_type = cv_score(oof, patch_set, fold_of, params.loss, sigma, truncate)
     return CVResult(oof=oof, fold_of=fold_of, fold_scores=fold_scores, score=score, sigma=sigma,
                     sigma_scores=sigma_scores, floor=competition_score(floor_preds, abundance),
+                    map_score=float(np.nanmean(per_type)), map_floor=map_score(position_preds, abundance, slides),
                     per_type=per_type, epochs_run=epochs_run, dropped=[f.dropped for f in folds],
                     seconds=time.perf_counter() - start, models=models)

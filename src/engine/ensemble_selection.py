@@ -1,33 +1,29 @@
 """Ensemble selection over recipes (Caruana et al. 2004, "Ensemble selection from libraries of models",
 as auto-sklearn and AutoGluon deliver it), and a fair choice between it and the single best recipe.
 
-Every candidate is one recipe's out-of-fold predictions, each spot's cell types turned into
-within-spot ranks (``rank_view``): the metric scores only that order, and it puts recipes with
-different target transforms (log, log1p, rank) on one scale. Greedy forward selection with
-replacement adds, round after round, the candidate whose inclusion scores best; a candidate picked
-``n`` times of ``R`` rounds weighs ``n / R``.
+Every candidate is one recipe's out-of-fold predictions as log abundances
+(``src.model.targets.log_abundance``): one scale for recipes with different target transforms (log,
+log1p, rank), on which their weighted mean is the delivered prediction (a weighted geometric mean of
+abundances), comparable across spots as a map needs. Greedy forward selection with replacement adds,
+round after round, the candidate whose inclusion scores best; a candidate picked ``n`` times of ``R``
+rounds weighs ``n / R``.
 
 Both the best CV of many noisy trials and an ensemble selected on the same predictions are biased
 upward. ``nested_scores`` measures the two procedures without that bias: for each CV fold, pick (the
-best candidate, or the selected ensemble) on the other folds' spots and score the pick on this fold's.
+best candidate, or the selected ensemble) on the other folds' spots and predict this fold's spots with
+the pick; those nested out-of-fold predictions are scored as any OOF predictions are.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import rankdata
 
 from src.engine.metrics import spot_spearman
 
 
-def rank_view(pred: np.ndarray) -> np.ndarray:
-    """Within-spot ranks of N x T predictions, scaled to (0, 1] (ties share a rank)."""
-    return (rankdata(pred, axis=1) / pred.shape[1]).astype(np.float32)
-
-
 def combine(views: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    """The weighted mean of rank views (what an ensemble of recipes predicts)."""
+    """The weighted mean of views (log abundances: what an ensemble of recipes predicts)."""
     weights = np.asarray(weights, dtype=np.float64)
     return sum(w * v.astype(np.float64) for w, v in zip(weights, views) if w > 0) / weights.sum()
 
@@ -64,15 +60,20 @@ def best_single(views: list[np.ndarray], truth: np.ndarray, rows: np.ndarray | N
 class NestedScores:
     single: float  # the best candidate of the other folds, scored on each fold
     ensemble: float  # the ensemble selected on the other folds, scored on each fold
+    single_oof: np.ndarray  # those predictions: each fold's spots predicted by the other folds' best candidate
+    ensemble_oof: np.ndarray  # ... by the ensemble selected on the other folds
 
 
 def nested_scores(views: list[np.ndarray], truth: np.ndarray, fold_of: np.ndarray, rounds: int) -> NestedScores:
-    """Unbiased CV of "take the best trial" and of "select an ensemble": each fold's spots are scored
-    by what was picked on the other folds' spots (spot-weighted over folds, as the CV score is)."""
-    single, ensemble = np.zeros(len(truth)), np.zeros(len(truth))
+    """Unbiased CV of "take the best trial" and of "select an ensemble" (``rounds`` 0: no ensemble, both
+    the best trial): each fold's spots are predicted by what was picked on the other folds' spots and
+    scored (spot-weighted over folds, as the CV score is)."""
+    single, ensemble = np.zeros_like(views[0], dtype=np.float64), np.zeros_like(views[0], dtype=np.float64)
     for k in np.unique(fold_of):
         inner, outer = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-        for weights, out in ((best_single(views, truth, inner), single),
-                             (greedy_selection(views, truth, rounds, inner), ensemble)):
-            out[outer] = spot_spearman(combine([v[outer] for v in views], weights), truth[outer])
-    return NestedScores(single=float(single.mean()), ensemble=float(ensemble.mean()))
+        picks = [(best_single(views, truth, inner), single)]
+        picks.append((greedy_selection(views, truth, rounds, inner) if rounds > 0 else picks[0][0], ensemble))
+        for weights, out in picks:
+            out[outer] = combine([v[outer] for v in views], weights)
+    return NestedScores(single=float(spot_spearman(single, truth).mean()),
+                        ensemble=float(spot_spearman(ensemble, truth).mean()), single_oof=single, ensemble_oof=ensemble)

@@ -9,12 +9,12 @@ from src.core.config import InferConfig
 from src.core.devices import autocast, default_device
 from src.data.patch_set import PatchSet, SpotDataset
 from src.data.transforms import build_transform, dihedral
-from src.engine.ensemble_selection import combine, rank_view
+from src.engine.ensemble_selection import combine
 from src.engine.smoothing import smooth
 from src.model.feature_cache import FeatureCache, FeatureCaches, cached_batch
 from src.model.neighbours import spot_inputs
 from src.model.network import Ensemble, RecipeEnsemble, SpatialCellModel
-from src.model.targets import to_abundance_scale
+from src.model.targets import log_abundance, to_abundance_scale
 
 
 @torch.inference_mode()
@@ -72,17 +72,19 @@ def _predict_cached(model: SpatialCellModel, patch_set: PatchSet, rows: np.ndarr
 def predict_abundance(model: SpatialCellModel | Ensemble | RecipeEnsemble, meta: dict, patch_set: PatchSet,
                       device: torch.device | None = None) -> np.ndarray:
     """What a checkpoint predicts for every spot of ``patch_set``: TTA, then spatial smoothing per
-    slide, on the abundance scale (N x T). Settings come from the checkpoint (``meta``).
+    slide, on the abundance scale (N x T), comparable across spots and slides. Settings come from the
+    checkpoint (``meta``).
 
-    A :class:`RecipeEnsemble` predicts with every recipe (its own TTA, smoothing and target space) and
-    returns the weighted mean of their within-spot ranks, in (0, 1]: the order the metric scores, on
-    one scale for recipes whose targets differ (``src.engine.ensemble_selection``)."""
+    A :class:`RecipeEnsemble` predicts with every recipe (its own TTA, smoothing and target space)
+    and returns the weighted geometric mean of their abundances (the weighted mean of their log
+    abundances, ``src.model.targets.log_abundance``): one scale for recipes whose targets differ."""
+    scale = np.asarray(meta["rank_scale"])
     if isinstance(model, RecipeEnsemble):
-        views = [rank_view(predict_smoothed(m, patch_set, s["infer"], device))
-                 for m, s in zip(model.models, model.settings)]
-        return combine(views, np.asarray(model.weights))
+        views = [log_abundance(predict_smoothed(m, patch_set, s["infer"], device), s["target_transform"],
+                               s["log_epsilon"], scale) for m, s in zip(model.models, model.settings)]
+        return np.exp(combine(views, np.asarray(model.weights)))
     pred = predict_smoothed(model, patch_set, meta["infer"], device)
-    return to_abundance_scale(pred, meta["target_transform"], meta["log_epsilon"])
+    return to_abundance_scale(pred, meta["target_transform"], meta["log_epsilon"], scale)
 
 
 def predict_smoothed(model: SpatialCellModel | Ensemble, patch_set: PatchSet, infer: InferConfig,

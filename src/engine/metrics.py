@@ -1,13 +1,30 @@
-"""The competition score and its reference points.
+"""The competition score, the map score, and their reference points.
 
-Score: for each spot, the Spearman correlation between its predicted and true abundances across
-cell types; averaged over spots (as every public solution computes it). A spot whose prediction or
-truth is constant has no defined correlation and counts as 0 (it ranks nothing).
+Competition score: for each spot, the Spearman correlation between its predicted and true abundances
+across cell types; averaged over spots (as every public solution computes it). A spot whose
+prediction or truth is constant has no defined correlation and counts as 0 (it ranks nothing). It
+only asks for the order of the cell types within each spot.
+
+Map score: for each cell type, the Spearman correlation across the spots of a slide (what a map of
+that type shows; HEST-Benchmark scores genes the same way), averaged over slides and then over cell
+types. A type whose truth is constant on a slide has nothing to map there and is left out; a
+prediction constant on a slide counts as 0. It asks for values that compare across spots, which
+within-spot ranks are not.
+
+Floors: the competition score of the training mean profile (what ignores the image), and the map
+score of the spots' positions alone (the mean log abundance of the nearest training spots by
+relative position, the coordinates every model also sees): the mean profile is constant across
+spots and maps nothing.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
-from scipy.stats import rankdata, spearmanr
+from scipy.stats import rankdata
+from sklearn.neighbors import KNeighborsRegressor
+
+from src.model.targets import ABUNDANCE_FLOOR
 
 
 def spot_spearman(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -26,13 +43,35 @@ def competition_score(pred: np.ndarray, true: np.ndarray) -> float:
     return float(spot_spearman(pred, true).mean())
 
 
-def per_type_spearman(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Spearman across spots, one value per cell type (nan where a column is constant)."""
-    out = np.full(pred.shape[1], np.nan)
-    for j in range(pred.shape[1]):
-        if np.ptp(pred[:, j]) > 0 and np.ptp(true[:, j]) > 0:
-            out[j] = spearmanr(pred[:, j], true[:, j]).statistic
-    return out
+def map_per_type(pred: np.ndarray, true: np.ndarray, slides: np.ndarray) -> np.ndarray:
+    """Per cell type, the Spearman across the spots of each slide, averaged over slides (T values;
+    nan where the truth is constant on every slide)."""
+    slides = np.asarray(slides)
+    per_slide = []
+    for slide in dict.fromkeys(slides):
+        rows = slides == slide
+        scores = spot_spearman(pred[rows].T, true[rows].T)  # columns as "spots": across spots, per type
+        per_slide.append(np.where(np.ptp(true[rows], axis=0) > 0, scores, np.nan))
+    with warnings.catch_warnings():  # a type constant on every slide: nan, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.array(per_slide), axis=0)
+
+
+def map_score(pred: np.ndarray, true: np.ndarray, slides: np.ndarray) -> float:
+    """The map score: ``map_per_type`` averaged over the cell types that vary somewhere."""
+    per_type = map_per_type(pred, true, slides)
+    return float(np.nanmean(per_type)) if np.isfinite(per_type).any() else float("nan")
+
+
+POSITION_NEIGHBOURS = 50
+
+
+def position_floor(train_coords: np.ndarray, train_abundance: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """What the spots' positions alone predict: the mean log abundance of the ``POSITION_NEIGHBOURS``
+    training spots nearest in relative position (x / W, y / H) (N x T, log scale)."""
+    k = min(POSITION_NEIGHBOURS, len(train_coords))
+    model = KNeighborsRegressor(n_neighbors=k).fit(train_coords, np.log(train_abundance + ABUNDANCE_FLOOR))
+    return model.predict(coords)
 
 
 def floor_score(train_abundance: np.ndarray, true: np.ndarray) -> float:

@@ -55,6 +55,11 @@ def _key(params: Params, patch_set: PatchSet, rows: np.ndarray) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def backbone_folder(params: Params) -> Path:
+    """Where the folds' trained backbones are kept."""
+    return shared_path(params.train.cache_dir) / "backbones"
+
+
 def fold_backbone(params: Params, patch_set: PatchSet, rows: np.ndarray, device: torch.device | None = None,
                   log=print) -> Path | None:
     """The weights file of the backbone trained on ``rows`` (built once); None when pretraining is off."""
@@ -62,7 +67,7 @@ def fold_backbone(params: Params, patch_set: PatchSet, rows: np.ndarray, device:
         return None
     from src.engine.fit import fit
 
-    folder = shared_path(params.train.cache_dir) / "backbones"
+    folder = backbone_folder(params)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{_key(params, patch_set, rows)}.pt"
     with FileLock(str(path) + ".lock"):

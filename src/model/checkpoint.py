@@ -3,7 +3,9 @@
 A checkpoint holds one or several recipes, each with its weight in the delivered prediction. A recipe
 is the weights of one model or of an ensemble (the CV's fold models) with the model config, the
 target transform, the preprocessing the backbone was trained with and the inference settings (TTA,
-smoothing). Shared by all: the cell types, the patch size and the stain reference, plus where it
+smoothing). Shared by all: the cell types, the patch size, the stain reference and the rank scale (the
+log abundance of each within-spot rank in the training data, which puts rank predictions on the
+abundance scale: ``src.model.targets.rank_scale``), plus where it
 came from: its format number, the versions of torch, timm, torchsort and numpy, the digest of the
 code that rebuilds and runs it, and the digest of the patch store it was trained on. Loading refuses
 formats it does not know, and a model whose rebuilt preprocessing differs from the recorded one.
@@ -22,8 +24,8 @@ from src.core.files import atomic_path
 from src.core.provenance import imported_modules, modules_digest, versions
 from src.model.network import Ensemble, RecipeEnsemble, SpatialCellModel
 
-FORMAT = 4  # 1: before the preprocessing and provenance were recorded; 2: model.context in px; 3: one recipe
-# at the top level (all still read)
+FORMAT = 5  # 1: before the preprocessing and provenance were recorded; 2: model.context in px; 3: one recipe
+# at the top level; 4: no rank scale (all still read, except rank recipes of formats before 5)
 LIBRARIES = ("torch", "timm", "torchsort", "numpy")
 RUNS_A_CHECKPOINT = ("src.engine.inference", "src.model.checkpoint")  # and all they import
 
@@ -34,14 +36,16 @@ def code_version() -> str:
 
 
 def save_checkpoint(path: str | Path, model: SpatialCellModel | Ensemble, *, targets: list[str],
-                    loss: LossConfig, patch_size: int, infer: InferConfig, stain: dict, data_digest: str = "") -> None:
+                    loss: LossConfig, patch_size: int, infer: InferConfig, stain: dict, rank_scale: list[float],
+                    data_digest: str = "") -> None:
     """One recipe (a model, or the fold models of one CV)."""
     save_recipes(path, [(model, loss, infer, 1.0)], targets=targets, patch_size=patch_size, stain=stain,
-                 data_digest=data_digest)
+                 rank_scale=rank_scale, data_digest=data_digest)
 
 
 def save_recipes(path: str | Path, recipes: list[tuple[SpatialCellModel | Ensemble, LossConfig, InferConfig, float]],
-                 *, targets: list[str], patch_size: int, stain: dict, data_digest: str = "") -> None:
+                 *, targets: list[str], patch_size: int, stain: dict, rank_scale: list[float],
+                 data_digest: str = "") -> None:
     """Several recipes, each (model, its loss config, its inference settings, its weight)."""
     recipe_payloads = [_recipe_payload(model, loss, infer, weight) for model, loss, infer, weight in recipes]
     _share_equal_tensors([state for recipe in recipe_payloads for state in recipe["state_dicts"]])
@@ -51,6 +55,7 @@ def save_recipes(path: str | Path, recipes: list[tuple[SpatialCellModel | Ensemb
         "targets": list(targets),
         "patch_size": int(patch_size),
         "stain": stain,
+        "rank_scale": [float(v) for v in rank_scale],
         "versions": versions(LIBRARIES),
         "code_version": code_version(),
         "data_digest": data_digest,
@@ -111,6 +116,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
         raise InputError(f"{path}: checkpoint format {written} is newer than this code reads ({FORMAT}); "
                          f"update the project (it was written with {payload.get('versions', {})})")
     recipes = payload.pop("recipes")
+    if "rank_scale" not in payload and any(r.get("target_transform") == "rank" for r in recipes):
+        raise InputError(f"{path}: a recipe with rank targets, written before predictions were put on the "
+                         "abundance scale; rerun `dvc repro train` (or `python -m src.train`)")
+    payload.setdefault("rank_scale", [])
     loaded = [_load_recipe(path, recipe, written, payload) for recipe in recipes]
     meta = dict(payload, format=written)
     if len(loaded) == 1:

@@ -1,6 +1,6 @@
 """The objective of a study: the CV Spearman of one suggested recipe, with what each trial records
-(fold and block scores for the pruner, per-type scores, its smoothing sigma, the floor, its cost) and
-uploads (a per-type bar chart and its out-of-fold table); and the Ctrl-C handling around it."""
+(fold and block scores for the pruner, per-type scores, its smoothing sigma, the floor, the map score and
+its floor, its cost) and uploads (a per-type bar chart and its out-of-fold table); and the Ctrl-C handling around it."""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +20,9 @@ from src.core.devices import default_device
 from src.core.locations import shared_path
 from src.data.patch_set import PatchSet
 from src.engine.cross_validation import CVResult, cross_validate
+from src.engine.model_store import save_models
 from src.model.feature_cache import FeatureCaches
-from src.model.targets import to_abundance_scale
+from src.model.targets import rank_scale, to_abundance_scale
 from src.report.plots import per_type_bars
 from src.search.pruning import reports
 from src.search.space import SearchParam, defaults, suggest
@@ -79,7 +80,8 @@ def dvc_experiment() -> dict | None:
 
 
 class Objective:
-    """CV Spearman of one suggested recipe (OOF predictions smoothed with the best of tune.sigma_grid).
+    """CV Spearman of one suggested recipe (OOF predictions smoothed with the best of tune.sigma_grid);
+    a complete trial's fold models go to the model store, where stage train finds the delivered ones.
 
     ``after_cv(trial, params, result)``, when given, sees every complete trial's CV result with its
     fold models kept (``src.bench search`` scores them on the test slide there)."""
@@ -129,8 +131,7 @@ class Objective:
 
         try:
             result = cross_validate(params, self.patch_set, on_fold=report, show_progress=self.show_progress,
-                                    sigmas=params.tune.sigma_grid, keep_models=self.after_cv is not None,
-                                    reuse=self.reuse)
+                                    sigmas=params.tune.sigma_grid, keep_models=True, reuse=self.reuse)
             if not np.isfinite(result.score):
                 raise FloatingPointError("CV spearman is not finite (training diverged)")
         except TRIAL_ERRORS as err:  # recorded on the trial; Optuna marks it FAIL and goes on
@@ -142,8 +143,12 @@ class Objective:
         trial.set_user_attr("per_type_spearman", dict(zip(self.patch_set.targets,
                                                           np.round(np.nan_to_num(result.per_type), 4).tolist())))
         trial.set_user_attr("floor_spearman", round(result.floor, 6))
+        trial.set_user_attr("map_spearman", round(result.map_score, 6))
+        trial.set_user_attr("map_floor_spearman", round(result.map_floor, 6))
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
         self._upload(trial, params, result)
+        if params.train.final == "ensemble":  # what stage train delivers for this recipe: no CV run twice
+            save_models(params, self.patch_set, result.models, result.epochs_run)
         if self.after_cv is not None:
             self.after_cv(trial, params, result)
         return result.score
@@ -153,7 +158,8 @@ class Objective:
             bars = Path(tmp) / f"trial{trial.number}_per_type.png"
             per_type_bars(bars, self.patch_set.targets, {"out-of-fold": result.per_type})
             oof = Path(tmp) / f"trial{trial.number}_oof.csv"
-            values = to_abundance_scale(result.oof, params.loss.target_transform, params.loss.log_epsilon)
+            values = to_abundance_scale(result.oof, params.loss.target_transform, params.loss.log_epsilon,
+                                        rank_scale(self.patch_set.abundance))
             table = self.patch_set.spots[["slide", "spot", "x", "y"]].assign(fold=result.fold_of)
             pd.concat([table, pd.DataFrame(values, columns=self.patch_set.targets)], axis=1).to_csv(oof, index=False)
             for path in (bars, oof):

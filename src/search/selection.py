@@ -1,12 +1,16 @@
 """What stage ``train`` delivers from a study: the best trial, or an ensemble of trials selected on
-their out-of-fold predictions (``src.engine.ensemble_selection``), whichever the nested CV scores higher.
+their out-of-fold predictions (``src.engine.ensemble_selection``), whichever the nested CV scores higher,
+and that nested CV's figures: the study's honest headline.
 
 Each complete trial uploaded its OOF table (``trialN_oof.csv``, abundance scale, before smoothing);
 here it is brought back to the trial's target space, smoothed with the sigma its CV chose (as the
-trial was scored) and turned into within-spot ranks. ``tune.ensemble_size`` rounds of greedy selection
-with replacement give the weights; the nested scores decide between the ensemble and the best trial,
-so neither the winner's curse of the best CV nor the selection's own fit to the OOF predictions is
-rewarded. ``tune.ensemble_size: 0`` delivers the best trial.
+trial was scored) and turned into log abundances, the scale the delivered prediction is made on.
+``tune.ensemble_size`` rounds of greedy selection with replacement give the weights; the nested scores
+decide between the ensemble and the best trial, so neither the winner's curse of the best CV nor the
+selection's own fit to the OOF predictions is rewarded. The nested OOF predictions of the delivered
+choice (each fold predicted by what was picked on the other folds) give ``cv_spearman``, the map score
+and the per-type scores; the best trial's CV and the ensemble's OOF score are kept, named as the
+upward-biased figures they are. ``tune.ensemble_size: 0`` delivers the best trial.
 """
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ import pandas as pd
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 
 from src.data.patch_set import PatchSet
-from src.engine.ensemble_selection import NestedScores, combine, greedy_selection, nested_scores, rank_view
-from src.engine.metrics import competition_score
-from src.engine.smoothing import smooth
-from src.model.targets import from_abundance_scale
+from src.engine.cross_validation import delivered_view
+from src.engine.ensemble_selection import NestedScores, combine, greedy_selection, nested_scores
+from src.engine.metrics import competition_score, map_per_type
+from src.model.targets import from_abundance_scale, rank_scale
+from src.search.recipe import params_for_trial
 from src.search.space import run_value
 
 
@@ -44,18 +49,16 @@ class Selection:
     best_trial: int  # number of the best-CV trial
     cv_best_trial: float  # the best trial's CV score (the maximum of noisy scores: biased upward)
     cv_ensemble: float  # the selected ensemble's OOF score (selected on these predictions: biased upward)
-    nested: NestedScores  # both procedures scored on folds they did not pick on
+    nested: NestedScores | None  # both procedures scored on folds they did not pick on (None: no OOF tables)
     candidates: int
-
-
-def trial_recipe_value(trial: optuna.trial.FrozenTrial, name: str, base_raw: dict):
-    section, key = name.split(".", 1)
-    return trial.params.get(name, base_raw[section][key])
+    cv: float  # the delivered choice's nested CV score (the best trial's CV without OOF tables)
+    cv_map: float  # its map score (nan without OOF tables)
+    cv_per_type: np.ndarray  # its per-type map scores (T)
 
 
 def oof_view(trial: optuna.trial.FrozenTrial, storage, store, patch_set: PatchSet, base_raw: dict
              ) -> tuple[np.ndarray, np.ndarray]:
-    """(the trial's smoothed OOF predictions as within-spot ranks, the fold of every spot)."""
+    """(the trial's smoothed OOF predictions as log abundances, the fold of every spot)."""
     name = f"trial{trial.number}_oof.csv"
     metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == name]
     if not metas:
@@ -64,11 +67,12 @@ def oof_view(trial: optuna.trial.FrozenTrial, storage, store, patch_set: PatchSe
         path = Path(tmp) / name
         download_artifact(artifact_store=store, file_path=str(path), artifact_id=metas[-1].artifact_id)
         table = pd.read_csv(path)
-    values = table[patch_set.targets].to_numpy(np.float64)
-    values = from_abundance_scale(values, trial_recipe_value(trial, "loss.target_transform", base_raw))
     sigma = float(trial.user_attrs.get("smoothing_sigma", 0.0))
-    smoothed = smooth(values, patch_set.xy(), patch_set.slides, sigma, float(base_raw["infer"]["smoothing_truncate"]))
-    return rank_view(smoothed), table["fold"].to_numpy()
+    params = params_for_trial(trial.params, sigma, base_raw, f"trial {trial.number}")
+    values = from_abundance_scale(table[patch_set.targets].to_numpy(np.float64), params.loss.target_transform,
+                                  rank_scale(patch_set.abundance))
+    view = delivered_view(values, patch_set, params.loss, sigma, params.infer.smoothing_truncate)
+    return view, table["fold"].to_numpy()
 
 
 def candidates(study: optuna.Study, budget: int | None = None) -> list[optuna.trial.FrozenTrial]:
@@ -88,44 +92,52 @@ def _member(trial: optuna.trial.FrozenTrial, weight: float) -> Member:
 
 def select(study: optuna.Study, storage, artifact_dir: Path, patch_set: PatchSet, base_raw: dict, rounds: int,
            budget: int | None = None) -> Selection:
-    """The delivered recipe(s) of ``study`` (see the module docstring); its trials' OOF tables are read
-    from the artifact store in ``artifact_dir``."""
+    """The delivered recipe(s) of ``study`` and their nested CV (see the module docstring); its trials'
+    OOF tables are read from the artifact store in ``artifact_dir``."""
     store = FileSystemArtifactStore(str(artifact_dir))
     trials = candidates(study, budget)
     if not trials:
         raise ValueError("no complete trial to select from")
     best = trials[0]
     pairs, kept = [], []
-    for t in trials if rounds > 0 else []:
+    for t in trials:
         try:
             pairs.append(oof_view(t, storage, store, patch_set, base_raw))
             kept.append(t)
         except FileNotFoundError:  # uploaded to another artifact folder (another machine's worker)
             continue
-    if len(kept) < 2 or kept[0].number != best.number:  # nothing to select from: the best trial
+    if not kept or kept[0].number != best.number:  # the best trial's predictions are elsewhere
         single, score = [_member(best, 1.0)], float(best.value)
-        return Selection("single", single, single, best.number, score, score, NestedScores(score, score),
-                         len(trials))
-    trials = kept
+        nan = np.full(len(patch_set.targets), np.nan)
+        return Selection("single", single, single, best.number, score, score, None, len(trials), score, np.nan, nan)
     views, fold_of = [v for v, _ in pairs], pairs[0][1]
     scored = np.flatnonzero(fold_of >= 0)  # spots some fold validated (all, unless a buffer dropped some)
-    truth = patch_set.abundance
-    weights = greedy_selection(views, truth, rounds, scored)
-    ensemble = [_member(t, w) for t, w in zip(trials, weights) if w > 0]
+    truth, slides = patch_set.abundance[scored], patch_set.slides[scored]
+    views = [v[scored] for v in views]
+    rounds = rounds if len(kept) > 1 else 0
+    weights = greedy_selection(views, truth, rounds) if rounds > 0 else np.eye(len(views))[0]
+    ensemble = [_member(t, w) for t, w in zip(kept, weights) if w > 0]
     ensemble.sort(key=lambda m: -m.weight)
-    cv_ensemble = competition_score(combine([v[scored] for v in views], weights), truth[scored])
-    nested = nested_scores([v[scored] for v in views], truth[scored], fold_of[scored], rounds)
+    cv_ensemble = competition_score(combine(views, weights), truth)
+    nested = nested_scores(views, truth, fold_of[scored], rounds)
     take_ensemble = len(ensemble) > 1 and nested.ensemble > nested.single
     members = ensemble if take_ensemble else [_member(best, 1.0)]
+    delivered_oof = nested.ensemble_oof if take_ensemble else nested.single_oof
+    per_type = map_per_type(delivered_oof, truth, slides)
     return Selection("ensemble" if take_ensemble else "single", members, ensemble, best.number, float(best.value),
-                     float(cv_ensemble), nested, len(trials))
+                     float(cv_ensemble), nested, len(trials), cv=competition_score(delivered_oof, truth),
+                     cv_map=float(np.nanmean(per_type)), cv_per_type=per_type)
 
 
 def describe_selection(selection: Selection) -> str:
-    """One line: what is delivered and why (the nested CV of both choices)."""
+    """One line: what is delivered, why (the nested CV of both choices) and what it scores."""
     what = (f"the ensemble of {len(selection.members)} trials "
             + ", ".join(f"#{m.trial} x{m.weight:g}" for m in selection.members)
             if selection.delivered == "ensemble" else f"the best trial #{selection.best_trial}")
-    return (f"delivered: {what} (nested CV: best trial {selection.nested.single:.4f}, ensemble "
-            f"{selection.nested.ensemble:.4f}; best trial's CV {selection.cv_best_trial:.4f}, ensemble OOF "
-            f"{selection.cv_ensemble:.4f}, over {selection.candidates} complete trials)")
+    if selection.nested is None:
+        return (f"delivered: {what} (its OOF predictions lie in another artifact folder: CV {selection.cv:.4f} is "
+                f"the best of {selection.candidates} complete trials, biased upward)")
+    return (f"delivered: {what}: nested CV {selection.cv:.4f}, map {selection.cv_map:.4f} (nested CV of the best "
+            f"trial {selection.nested.single:.4f}, of the ensemble {selection.nested.ensemble:.4f}; biased upward: "
+            f"best trial's CV {selection.cv_best_trial:.4f}, ensemble OOF {selection.cv_ensemble:.4f}; over "
+            f"{selection.candidates} complete trials)")
