@@ -2,6 +2,7 @@
 `python -m src.ingest` into the layout, agree with the slides they came from, and every kind of bad
 input is one line, exit 2, nothing written."""
 import json
+import re
 import shutil
 
 import anndata
@@ -116,8 +117,13 @@ def _set_cell(frame, row, column, value):
     return frame
 
 
-def _unknown_barcodes(f):
-    _abundances(f, "train_S_1", lambda t: t.rename(index=dict(zip(t.index[:3], ["X-1", "Y-1", "Z-1"]))))
+def _unknown_barcodes(f, n=3):
+    _abundances(f, "train_S_1", lambda t: t.rename(index=dict(zip(t.index[:n], [f"TTTTTTTTTTTT{i:04d}-1" for i in
+                                                                                   range(n)]))))
+
+
+def _mostly_unknown(f):
+    _unknown_barcodes(f, 30)
 
 
 def _negative(f):
@@ -167,8 +173,8 @@ def _no_spatial(f):
 
 
 BAD = {
-    "barcodes matching no spot": ("spaceranger", _unknown_barcodes,
-                                  "abundances/train_S_1.csv: 3 of 41 barcodes match no spot of"),
+    "barcodes mostly matching no spot": ("spaceranger", _mostly_unknown,
+                                         "abundances/train_S_1.csv: 30 of 41 barcodes match no spot of"),
     "negative abundance": ("spaceranger", _negative, "cell type 'CD8+ T cells' of barcode"),
     "non-numeric abundance": ("spaceranger", _text, "cell type 'Tregs' of barcode"),
     "cell types differ between slides": ("spaceranger", _other_types, "cell types differ from those of slide train_S_1"),
@@ -203,6 +209,32 @@ def test_a_manifest_naming_no_abundances_for_a_training_slide_is_an_error(export
     with pytest.raises(SystemExit):
         ingest.main([str(folder / "manifest_spaceranger.csv"), "--out", str(tmp_path / "o.h5")])
     assert "row 1: training slide train_S_1 has no abundances" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rename, rule", [
+    (lambda b: b, "as written"),
+    (lambda b: b.removesuffix("-1"), "without the -N suffix"),  # R exports
+    (lambda b: f"A1_{b}", "the 16-letter barcode inside a sample prefix or suffix"),  # anndata.concat, scripts
+    (lambda b: f"{b}-A1", "the 16-letter barcode inside a sample prefix or suffix"),
+])
+def test_tables_as_tools_write_them_are_joined_on_the_barcode(exported, imported, tmp_path, capsys, rename, rule):
+    """The same abundances whatever the table does to the barcodes, the rule named in the report; a few
+    rows of spots a filter removed since are dropped and counted."""
+    folder = _copy(exported, tmp_path)
+    _abundances(folder, "train_S_1", lambda t: t.rename(index=rename))
+    strays = dict(zip(["GGGGGGGGGGGGGGGA-1", "GGGGGGGGGGGGGGGC-1"], range(2)))  # of no spot of the slide
+    _abundances(folder, "train_S_2", lambda t: pd.concat([t.rename(index=rename), t.iloc[:2].set_axis(
+        [rename(b) for b in strays])]))
+    out = tmp_path / "x.h5"
+    ingest.main([str(folder / "manifest_spaceranger.csv"), "--out", str(out)])
+    report = capsys.readouterr().out
+    train_lines = [line for line in report.splitlines() if line.startswith("Train/")]
+    assert len(train_lines) == 2 and all(f"barcodes matched {rule}" in line for line in train_lines)
+    assert re.search(r"2 of \d+ table rows match no spot and were dropped", train_lines[1]), train_lines[1]
+    expected, got = _layout(imported["spaceranger"]), _layout(out)
+    for slide in ("train_S_1", "train_S_2"):
+        pd.testing.assert_frame_equal(got[slide][2], expected[slide][2])
+        np.testing.assert_array_equal(got[slide][3], expected[slide][3])
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from src.evaluate import evaluate
 from src.model.checkpoint import load_checkpoint, save_checkpoint
 from src.model.network import Ensemble, SpatialCellModel
 from src.model.targets import rank_scale
-from tests.conftest import fast_params, read_layout, write_datasets
+from tests.conftest import ROOT, fast_params, read_layout, write_datasets
 from tests.helpers import format3
 
 
@@ -361,3 +361,23 @@ def test_predict_cli_bad_input_is_one_line_and_writes_nothing(checkpoint, tmp_pa
     with pytest.raises(SystemExit):
         predict_cli.main(["--model", str(tmp_path / "none.pt"), "--h5", str(bad), "--out", str(out)])
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_offline_predict_of_an_hf_hub_backbone_says_the_config_is_missing_not_the_weights(checkpoint, tiny_dataset,
+                                                                                          tmp_path):
+    """The checkpoint holds every weight; what timm lacks offline is the hub's config.json of the name."""
+    import os
+    import subprocess
+    import sys
+
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["recipes"][0]["model_config"]["backbone"] = "hf-hub:timm/resnet10t.a1_in1k"
+    hub = tmp_path / "hub.pt"
+    torch.save(payload, hub)
+    run = subprocess.run([sys.executable, "-m", "src.predict", "--model", str(hub), "--h5", str(tiny_dataset[0]),
+                          "--out", str(tmp_path / "p.csv")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert "config.json" in lines[0] and "could not be fetched" not in lines[0] and "weights of" not in lines[0]
+    assert not (tmp_path / "p.csv").exists()

@@ -10,6 +10,9 @@ A manifest (CSV, one row per slide; paths relative to the manifest's folder) nam
 ``spots`` is a Space Ranger ``outs/`` folder or an ``.h5ad``; ``abundances`` a CSV (barcodes x cell
 types) or an ``.h5ad`` whose ``obsm`` holds them (required for training slides; for test slides it is
 the truth the evaluation scores against, optional); ``library_id`` picks one library of an ``.h5ad``.
+Table rows are matched to spots on the barcode, tolerating a missing ``-1`` and a sample prefix or
+suffix (``src.data.barcodes``); a few unmatched rows are dropped with a note, a table mostly unmatched
+is refused.
 
 Written (besides ``images/`` and ``spots/`` as every stage reads them): ``barcodes/{split}/{slide}``
 (one per spot row), ``fullres/{split}/{slide}`` (the spots' source coordinates, x and y) and the
@@ -30,6 +33,7 @@ import pandas as pd
 
 from src.core.errors import InputError
 from src.core.files import atomic_path
+from src.data.barcodes import match_barcodes
 from src.data.fullres_image import open_levels, read_resampled
 from src.data.slides import NON_TARGET_FIELDS, image_chunks
 from src.data.validation import validate_file
@@ -108,12 +112,11 @@ def ingest_slide(source: SlideSource, um_per_px: float, obsm_key: str = "", log=
     in_tissue = len(spots.barcodes)
     keep = np.ones(in_tissue, bool)
     abundances = None
+    notes = []
     if source.abundances is not None:
         table = read_abundances(source.abundances, obsm_key)
-        unknown = ~table.index.isin(spots.all_barcodes)
-        if unknown.any():
-            raise InputError(f"{source.abundances}: {int(unknown.sum())} of {len(table)} barcodes match no spot of "
-                             f"{spots.source} (first: {table.index[np.argmax(unknown)]})")
+        table, note = _joined(table, spots, source.abundances)
+        notes.append(note)
         keep = pd.Index(spots.barcodes).isin(table.index)
         if not keep.any():
             raise InputError(f"{source.abundances}: no barcode matches an in-tissue spot of {spots.source}")
@@ -138,10 +141,32 @@ def ingest_slide(source: SlideSource, um_per_px: float, obsm_key: str = "", log=
     dropped = in_tissue - int(keep.sum())
     report = (f"{source.split}/{source.slide}: {spots.n_listed} spots listed, {in_tissue} in tissue, "
               f"{int(keep.sum())} kept" + (f" ({dropped} without abundances dropped)" if dropped else "")
+              + "".join(f"; {n}" for n in notes)
               + f"; {spots.um_per_px:.3f} -> {um_per_px:.3f} um/px (level {level.index} of {len(levels)}, "
               f"{width} x {height} -> {image.shape[1]} x {image.shape[0]} px) in {time.perf_counter() - started:.1f} s")
     return IngestedSlide(source, image, out_x, out_y, spots.barcodes[keep], np.column_stack([x, y]),
                          abundances, spots, scale, report)
+
+
+MOST = 0.5  # a table most of whose barcodes match no spot is the wrong table
+
+
+def _joined(table: pd.DataFrame, spots: SpotTable, path: Path) -> tuple[pd.DataFrame, str]:
+    """The table's rows that name a spot of the slide, indexed by the slide's barcodes, and a note: the
+    matching rule (``src.data.barcodes``) and how many rows were dropped. Mostly unmatched: one line."""
+    found = match_barcodes(list(table.index), list(spots.all_barcodes))
+    if found.matched < MOST * len(table):
+        example = table.index[np.argmax(found.spot < 0)]
+        raise InputError(f"{path}: {len(table) - found.matched} of {len(table)} barcodes match no spot of "
+                         f"{spots.source} (e.g. table {example!r}, slide {spots.all_barcodes[0]!r}): is it this "
+                         "slide's table?")
+    rows = found.spot >= 0
+    joined = table[rows].set_axis(pd.Index(spots.all_barcodes[found.spot[rows]]), axis=0)
+    note = f"barcodes matched {found.rule}"
+    if not rows.all():
+        note += (f", {int((~rows).sum())} of {len(table)} table rows match no spot and were dropped "
+                 f"(first: {table.index[np.argmax(~rows)]})")
+    return joined, note
 
 
 def ingest(manifest: Path, out: Path, truth_out: Path | None = None, um_per_px: float = COMPETITION_UM_PER_PX,

@@ -29,6 +29,13 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     except RuntimeError as err:  # unknown model name
         raise InputError(f"params: model.backbone = {cfg.backbone!r}: {str(err).splitlines()[0]}") from None
     except OSError as err:  # no hub access, or the hub has no such weights (FileNotFoundError is an OSError)
+        if cfg.backbone.startswith("hf-hub:") and not (cfg.pretrained and not cfg.weights):
+            # The weights are at hand (model.weights, or a checkpoint's state dict): what is missing is the
+            # model's definition, which timm reads from the hub's config.json for every hf-hub: name.
+            raise InputError(f"model.backbone = {cfg.backbone!r}: timm builds an hf-hub: model from its config.json "
+                             f"on the Hugging Face hub, also when the weights come from elsewhere (model.weights, a "
+                             f"checkpoint), and it could not be read ({type(err).__name__}); run once where the hub "
+                             "is reachable (it is then cached), or name the timm architecture itself") from None
         raise InputError(f"params: model.pretrained = true: the weights of {cfg.backbone} could not be fetched "
                          f"from the hub ({type(err).__name__}); download them where the hub is reachable and set "
                          "model.weights to the file") from None
