@@ -34,6 +34,7 @@ def test_search_bench_scores_hand_set_and_trials_on_the_test_slide_of_both_famil
         assert d.delivered_test == (d.ensemble_test if d.delivered == "ensemble" else d.best_trial_test)
         assert d.best_trial_test == pytest.approx(r.tuned, abs=1e-6)  # the saved predictions score as the trial did
         assert r.gain == pytest.approx(d.delivered_test - r.hand_set)
+        assert -1 < r.map_floor < r.map_ceiling <= 1 and -1 < d.delivered_test_map < 1 and -1 < d.delivered_cv_map < 1
     out = capsys.readouterr().out
     assert ("hand-set recipe vs what the search delivers, on the test slide (3 trials per study; defaults chosen on "
             "family compartments)") in out
@@ -52,10 +53,11 @@ def test_report_prints_a_finished_runs_rows_from_its_work_folder(tmp_path, capsy
     def row(family, hand_set, at_16, at_40):
         deliveries = [Delivery(budget=b, best_trial=3, best_trial_test=t, cv_best_trial=0.7, ensemble_test=t,
                                cv_ensemble=0.71, nested_single=0.69, nested_ensemble=0.7, members=2,
-                               delivered="single", delivered_test=t) for b, t in ((16, at_16), (40, at_40))]
+                               delivered="single", delivered_test=t, delivered_cv=0.69, delivered_cv_map=0.3,
+                               delivered_test_map=0.35) for b, t in ((16, at_16), (40, at_40))]
         return SeedResult(family=family, seed=5, hand_set=hand_set, tuned=at_40, plain=0.65, correlation=0.8,
                           n_complete=30, n_pruned=10, best_trial=3, floor=0.5, ceiling=0.9, minutes=1.0,
-                          deliveries=deliveries)
+                          deliveries=deliveries, map_floor=0.05, map_ceiling=0.8)
 
     for family, r in (("compartments", row("compartments", 0.70, 0.72, 0.73)), ("cells", row("cells", 0.60, 0.64, 0.62))):
         (tmp_path / f"{family}-seed5").mkdir()
@@ -67,5 +69,6 @@ def test_report_prints_a_finished_runs_rows_from_its_work_folder(tmp_path, capsy
     assert "cells (held out, 1 data sets): mean gain +0.0200" in out  # the whole study: 0.62 - 0.60
     assert "cells after 16 trials: mean gain +0.0400, worst +0.0400, delivered beats hand-set 1 of 1" in out
     assert "compartments after 40 trials: mean gain +0.0300" in out
+    assert "mean map score 0.3500 (floor 0.0500)" in out and "0.3000 / 0.3500" in out
     with pytest.raises(InputError, match="cells-seed6/result.json: no result"):
         print_stored_results(tmp_path, ["cells"], [6])

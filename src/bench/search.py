@@ -14,11 +14,12 @@ from scratch on the whole patch, one model on every training spot) is scored bes
 search delivers has to beat it too.
 
 Printed per data set: floor, ceiling, hand-set, plain peer, best trial, ensemble, delivered, the gain
-(delivered - hand-set), delivered - plain, skill ((test - floor) / (ceiling - floor)) and the
+(delivered - hand-set), delivered - plain, skill ((test - floor) / (ceiling - floor)), the map score of
+what is delivered on the test slide with its floor (the positions alone) and ceiling, and the
 Spearman correlation between the trials' CV and test scores (does the CV rank recipes as a new slide
 does); per family the mean and worst gain, how often the delivered recipe beats the hand-set and the
 plain peer, and what ensembling added; and per budget the best trial's CV (the maximum of noisy
-scores), the nested CV of the delivered choice and the test. Work folders keep every trial's test
+scores), the nested CV of the delivered choice (per spot and per map) and the test. Work folders keep every trial's test
 predictions (``test_views/``), the plain peer's score (``reference.json``) and the row
 (``result.json``), so a rerun scores a finished study again without training it. With ``--replay``,
 the study runs without pruning and every pruner is replayed over its recorded fold scores
@@ -77,24 +78,30 @@ def build_data(raw_params: Path, folder: Path, overrides: list[str]) -> None:
 class TestSlide:
     """The test slide's patches and observed abundances (from the truth file)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, train_set):
         from src.data.patch_set import load_patch_set
         from src.data.truth import read_truth
+        from src.engine.metrics import position_floor
+        from src.model.targets import rank_scale
 
         self.patch_set = load_patch_set(folder / "patches", "test")
         self.truth, self.expected = read_truth(folder / "simulated_truth.h5", self.patch_set.spots,
                                                self.patch_set.targets)
+        self.scale = rank_scale(train_set.abundance)
+        self.positions = position_floor(train_set.coords(), train_set.abundance, self.patch_set.coords())
 
     def view(self, models: list, params: Params, sigma: float) -> np.ndarray:
-        """The fold models averaged, with TTA and smoothing at ``sigma``, as within-spot ranks."""
+        """The fold models averaged, with TTA and smoothing at ``sigma``, as log abundances (what a
+        checkpoint delivers, and what ensembles combine)."""
         from dataclasses import replace
 
-        from src.engine.ensemble_selection import rank_view
         from src.engine.inference import predict_smoothed
         from src.model.network import Ensemble
+        from src.model.targets import log_abundance
 
         infer = replace(params.infer, smoothing_sigma=sigma)
-        return rank_view(predict_smoothed(Ensemble(models), self.patch_set, infer))
+        pred = predict_smoothed(Ensemble(models), self.patch_set, infer)
+        return log_abundance(pred, params.loss.target_transform, params.loss.log_epsilon, self.scale)
 
     def score(self, models: list, params: Params, sigma: float) -> float:
         """Test Spearman of the fold models averaged, with TTA and smoothing at ``sigma``."""
@@ -105,17 +112,22 @@ class TestSlide:
 
         return competition_score(view, self.truth)
 
+    def map_view(self, view: np.ndarray) -> float:
+        from src.engine.metrics import map_score
+
+        return map_score(view, self.truth, self.patch_set.slides)
+
 
 class TrialTestViews:
-    """Every complete trial's test-slide predictions (rank views), kept in ``folder/test_views`` as the
-    study runs; a trial whose view is missing (a study run before) is rerun from its params."""
+    """Every complete trial's test-slide predictions (log abundances), kept in ``folder/test_views`` as
+    the study runs; a trial whose view is missing (a study run before) is rerun from its params."""
 
     def __init__(self, folder: Path, test: TestSlide, train_set, base_raw: dict):
         self.folder, self.test, self.train_set, self.base_raw = folder / "test_views", test, train_set, base_raw
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, number: int) -> Path:
-        return self.folder / f"trial{number}.npy"
+        return self.folder / f"trial{number}_log.npy"  # (earlier runs kept rank views as trialN.npy)
 
     def save(self, number: int, view: np.ndarray) -> None:
         np.save(self.path(number), view)
@@ -145,22 +157,25 @@ def score_deliveries(study, storage, folder: Path, train_set, raw: dict, views: 
         chosen = select(study, storage, folder / "artifacts", train_set, raw, rounds, budget)
         by_number = {t.number: t for t in study.trials}
 
-        def test_of(members) -> float:
+        def test_of(members) -> np.ndarray:
             member_views = [views.get(by_number[m.trial]) for m in members]
-            return views.test.score_view(combine(member_views, np.array([m.weight for m in members])))
+            return combine(member_views, np.array([m.weight for m in members]))
 
         best_number = chosen.best_trial
-        best_test = views.test.score_view(views.get(by_number[best_number]))
-        ensemble_test = test_of(chosen.ensemble)
+        best_view, ensemble_view = views.get(by_number[best_number]), test_of(chosen.ensemble)
+        delivered_view = ensemble_view if chosen.delivered == "ensemble" else best_view
         out.append(Delivery(
-            budget=budget, best_trial=best_number, best_trial_test=best_test, cv_best_trial=chosen.cv_best_trial,
-            ensemble_test=ensemble_test, cv_ensemble=chosen.cv_ensemble, nested_single=chosen.nested.single,
-            nested_ensemble=chosen.nested.ensemble, members=len(chosen.ensemble), delivered=chosen.delivered,
-            delivered_test=ensemble_test if chosen.delivered == "ensemble" else best_test))
+            budget=budget, best_trial=best_number, best_trial_test=views.test.score_view(best_view),
+            cv_best_trial=chosen.cv_best_trial, ensemble_test=views.test.score_view(ensemble_view),
+            cv_ensemble=chosen.cv_ensemble, nested_single=chosen.nested.single, nested_ensemble=chosen.nested.ensemble,
+            members=len(chosen.ensemble), delivered=chosen.delivered,
+            delivered_test=views.test.score_view(delivered_view), delivered_cv=chosen.cv,
+            delivered_cv_map=chosen.cv_map, delivered_test_map=views.test.map_view(delivered_view)))
         d = out[-1]
         log(f"  {budget} trials: best trial #{d.best_trial} CV {d.cv_best_trial:.4f} test {d.best_trial_test:.4f}; "
             f"ensemble of {d.members} OOF {d.cv_ensemble:.4f} test {d.ensemble_test:.4f}; nested single "
-            f"{d.nested_single:.4f} ensemble {d.nested_ensemble:.4f} -> {d.delivered}")
+            f"{d.nested_single:.4f} ensemble {d.nested_ensemble:.4f} -> {d.delivered} (test map "
+            f"{d.delivered_test_map:.4f})")
     return out
 
 
@@ -197,7 +212,7 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
     raw = apply_overrides(read_raw(params_file), overrides)
     params = params_from_dict(raw)
     train_set = load_patch_set(folder / "patches", "train")
-    test = TestSlide(folder)
+    test = TestSlide(folder, train_set)
 
     def plain_peer() -> dict:
         plain_params = params_from_dict(apply_overrides(raw, plain_baseline()))
@@ -249,6 +264,7 @@ def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], wo
                       n_pruned=sum(t.state.name == "PRUNED" for t in study.trials), best_trial=best.number,
                       floor=floor_score(train_set.abundance, test.truth),
                       ceiling=competition_score(test.expected, test.truth),
+                      map_floor=test.map_view(test.positions), map_ceiling=test.map_view(test.expected),
                       minutes=(time.perf_counter() - start) / 60, replay=replays)
     (folder / "result.json").write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
     return result
@@ -262,7 +278,8 @@ def bench_search(families: list[str], seeds: list[int], params_file: Path, overr
             r = run_seed(family, seed, params_file, overrides, work, trials, replay)
             print(f"{family} seed {seed}: floor {r.floor:.4f} ceiling {r.ceiling:.4f} hand-set {r.hand_set:.4f} "
                   f"plain {r.plain:.4f} best trial {r.tuned:.4f} delivered {r.delivered.delivered_test:.4f} "
-                  f"({r.delivered.delivered}) gain {r.gain:+.4f} skill {r.skill:.2f} "
+                  f"({r.delivered.delivered}) gain {r.gain:+.4f} skill {r.skill:.2f} map {r.delivered.delivered_test_map:.4f} "
+                  f"(floor {r.map_floor:.4f}, ceiling {r.map_ceiling:.4f}) "
                   f"CV-test rank corr. {r.correlation:.2f} ({r.minutes:.1f} min)", flush=True)
             results.append(r)
     print_results(results, trials or params_from_dict(apply_overrides(read_raw(params_file), overrides)).tune.trials)

@@ -26,6 +26,9 @@ class Delivery:
     members: int
     delivered: str  # "ensemble" or "single": the nested CV's choice
     delivered_test: float
+    delivered_cv: float = float("nan")  # its nested CV (rows written before it was kept: nan)
+    delivered_cv_map: float = float("nan")  # the nested CV's map score
+    delivered_test_map: float = float("nan")  # the map score on the test slide
 
 
 @dataclass
@@ -43,6 +46,8 @@ class SeedResult:
     ceiling: float
     minutes: float
     deliveries: list[Delivery] = field(default_factory=list)  # at each budget; the last is the whole study
+    map_floor: float = float("nan")  # map score of the positions alone on the test slide
+    map_ceiling: float = float("nan")  # map score of the noise-free expectation
     replay: list = field(default_factory=list)
 
     @property
@@ -67,12 +72,12 @@ def print_results(results: list[SeedResult], trials: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=160)
+    console = Console(width=200)
     table = Table(title=f"hand-set recipe vs what the search delivers, on the test slide ({trials} trials per study; "
                         f"defaults chosen on family {DEFAULTS_CHOSEN_ON})", title_justify="left")
     for column in ("family", "seed", "floor", "ceiling", "hand-set", "plain ResNet-18", "best trial", "ensemble",
-                   "delivered", "gain", "delivered - plain", "skill", "CV-test rank corr.", "complete / pruned",
-                   "minutes"):
+                   "delivered", "gain", "delivered - plain", "skill", "map floor", "map delivered", "map ceiling",
+                   "CV-test rank corr.", "complete / pruned", "minutes"):
         table.add_column(column, justify="right")
     for r in results:
         d = r.delivered
@@ -80,14 +85,15 @@ def print_results(results: list[SeedResult], trials: int) -> None:
                       f"{r.plain:.4f}", f"{d.best_trial_test:.4f} (#{d.best_trial})",
                       f"{d.ensemble_test:.4f} ({d.members})", f"{d.delivered_test:.4f} ({d.delivered})",
                       f"{r.gain:+.4f}", f"{d.delivered_test - r.plain:+.4f}", f"{r.skill:.2f}",
+                      f"{r.map_floor:.4f}", f"{d.delivered_test_map:.4f}", f"{r.map_ceiling:.4f}",
                       f"{r.correlation:.2f}", f"{r.n_complete} / {r.n_pruned}", f"{r.minutes:.1f}")
     console.print(table)
     for family in dict.fromkeys(r.family for r in results):
-        console.print(family_summary(family, [r for r in results if r.family == family]))
+        console.print(family_summary(family, [r for r in results if r.family == family]), soft_wrap=True)
     print_budgets(console, results)
     for family in dict.fromkeys(r.family for r in results):
         for line in budget_summaries(family, [r for r in results if r.family == family]):
-            console.print(line)
+            console.print(line, soft_wrap=True)
     replays = [(f"{r.family} {r.seed}", x) for r in results for x in r.replay]
     if replays:
         table = Table(title="pruners replayed over the unpruned studies' fold scores", title_justify="left")
@@ -107,13 +113,14 @@ def print_budgets(console, results: list[SeedResult]) -> None:
     table = Table(title="by budget (a study's first N finished trials): the best CV, the nested CV of the "
                         "delivered choice, and the test", title_justify="left")
     for column in ("family", "seed", "trials", "best-trial CV", "best-trial test", "ensemble OOF", "ensemble test",
-                   "nested single / ensemble", "delivered", "delivered test"):
+                   "nested single / ensemble", "delivered", "delivered test", "delivered map: CV / test"):
         table.add_column(column, justify="right")
     for r in results:
         for d in r.deliveries:
             table.add_row(r.family, str(r.seed), str(d.budget), f"{d.cv_best_trial:.4f}", f"{d.best_trial_test:.4f}",
                           f"{d.cv_ensemble:.4f}", f"{d.ensemble_test:.4f}",
-                          f"{d.nested_single:.4f} / {d.nested_ensemble:.4f}", d.delivered, f"{d.delivered_test:.4f}")
+                          f"{d.nested_single:.4f} / {d.nested_ensemble:.4f}", d.delivered, f"{d.delivered_test:.4f}",
+                          f"{d.delivered_cv_map:.4f} / {d.delivered_test_map:.4f}")
     console.print(table)
 
 
@@ -124,7 +131,9 @@ def family_summary(family: str, results: list[SeedResult]) -> str:
             f"{gain_summary(results, [r.delivered for r in results])}; ensemble - best trial "
             f"on the test {np.mean(ensemble_minus_best):+.4f}, ensemble delivered "
             f"{sum(r.delivered.delivered == 'ensemble' for r in results)} of {len(results)}; mean skill "
-            f"{np.mean([r.skill for r in results]):.2f}, mean CV-test rank correlation "
+            f"{np.mean([r.skill for r in results]):.2f}; mean map score "
+            f"{np.mean([r.delivered.delivered_test_map for r in results]):.4f} (floor "
+            f"{np.mean([r.map_floor for r in results]):.4f}); mean CV-test rank correlation "
             f"{np.nanmean([r.correlation for r in results]):.2f}")
 
 
