@@ -139,9 +139,9 @@ bench: setup
 
 # Experiments side by side: metrics, the tuned recipe and the params that differ; not the search space,
 # dependency hashes, code files, the CV figures evaluate repeats from tune.json or the selection's upward-biased
-# ones (`dvc exp show` for everything).
+# ones (`dvc exp show` for everything). DVC names a column by its key alone where no other file has it.
 DVC = $(if $(wildcard $(BIN)/dvc),$(BIN)/dvc,dvc)
-EXPS_DROP := ^(src/[^:]*|data/[^:]*|metrics/[^:]*|models/[^:]*|tune\.space\..*|Created|State|Executor|trial|studies/best_params\.yaml:(study|cv_spearman|trial)|metrics/evaluate\.json:cv_.*|metrics/tune\.json:(floor_spearman|map_floor_spearman|nested_.*|biased_upward\..*))$$
+EXPS_DROP := ^(src/[^:]*|data/[^:]*|metrics/[^:]*|models/[^:]*|tune\.space\..*|Created|State|Executor|trial|studies/best_params\.yaml:(study|cv_spearman|trial)|metrics/evaluate\.json:cv_.*|metrics/tune\.json:(floor_spearman|map_floor_spearman)|(metrics/tune\.json:)?(nested_.*|biased_upward\..*|n_failed|best_trial|smoothing_sigma))$$
 exps:
 	@COLUMNS=$${COLUMNS:-300} $(DVC) exp show --no-pager --only-changed --drop '$(EXPS_DROP)' $(ARGS)
 
