@@ -11,7 +11,7 @@ TORCHSORT := torchsort==0.1.10
 # reproduces the committed dvc.lock outputs on this machine kind.
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: setup lock lint browser vega postgres repro test test-fast bench dashboard exps plots clean gpu-wheels gpu-check
+.PHONY: setup lock lint browser vega postgres repro test test-fast bench dashboard exps plots schema clean gpu-wheels gpu-check
 
 setup: $(VENV)/.project-installed
 
@@ -152,6 +152,10 @@ plots: vega
 # Review studies (trials, params, artifacts) at http://127.0.0.1:8080 (tune.storage; one line if none exists yet)
 dashboard: setup
 	$(BIN)/python -m src.dashboard --host 127.0.0.1 --port 8080
+
+# The JSON Schema of params.yaml, from its sections (src/core/sections.py); a test keeps it current.
+schema: setup
+	$(BIN)/python -m src.core.config > params.schema.json
 
 clean:
 	rm -rf data/simulated.h5 data/simulated_truth.h5 data/normalized data/patches models outputs .pytest_cache

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from src.core.config import SimulateConfig
+from src.core.sections import SimulateConfig
 from src.data.simulation import simulate, write_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def fast_params(*overrides: str):
 @pytest.fixture(scope="session")
 def tiny_patches(tiny_dataset, tmp_path_factory) -> Path:
     """Normalized 32 px patches of the tiny slides (stage outputs of normalize + patches)."""
-    from src.core.config import PatchesConfig, StainConfig
+    from src.core.sections import PatchesConfig, StainConfig
     from src.data.normalization import SLIDES_FILE, normalize_file
     from src.data.patch_extraction import extract_patches
 

@@ -70,20 +70,24 @@ BAD_VALUES = [
     ("cv.scheme=random", "cv.scheme = 'random': choose blocks, leave_one_slide_out"),
     ("infer.tta=[identity, spin]", "infer.tta[1] = 'spin': choose identity, hflip, vflip"),
     ("tune.pruner=asha", "tune.pruner = 'asha': choose wilcoxon, median, hyperband, none"),
-    ("infer.tta=[]", "infer.tta: list at least one of the transforms"),
+    ("infer.tta=[]", "infer.tta = []: expected at least 1 value"),
     ("loss.alpha=1.5", "loss.alpha = 1.5: must be <= 1"),
     ("loss.regularization=0.0", "loss.regularization = 0.0: must be > 0"),
     ("loss.log_epsilon=0.0", "loss.log_epsilon = 0.0: must be > 0"),
     ("patches.size=4", "patches.size = 4: must be >= 8"),
     ("patches.max_shift_px=-1", "patches.max_shift_px = -1: must be >= 0"),
-    ("patches.offsets.S_1=[3]", "patches.offsets.S_1 = [3]: expected [dx, dy]"),
+    ("patches.offsets.S_1=[3]", "patches.offsets.S_1 = [3]: expected at least 2 values"),
+    ("patches.offsets.S_1=[3, 4, 5]", "patches.offsets.S_1 = [3, 4, 5]: expected at most 2 values"),
+    ("patches.size=32.0", "patches.size must be an integer, got 32.0"),
+    ("stain.luminosity_standardize=1", "stain.luminosity_standardize must be true or false, got 1"),
+    ("loss.alpha='0.5'", "loss.alpha must be a number, got '0.5'"),
     ("train.epochs=0", "train.epochs = 0: must be >= 1"),
     ("train.batch_size=1", "train.batch_size = 1: must be >= 2"),
     ("train.lr_head=0.0", "train.lr_head = 0.0: must be > 0"),
     ("cv.n_folds=1", "cv.n_folds = 1: must be >= 2"),
     ("model.dropout=0.99", "model.dropout = 0.99: must be <= 0.95"),
-    ("model.context=0", "model.context = 0.0: must be >= 0.05"),
-    ("model.context=64", "model.context = 64.0: must be <= 1"),
+    ("model.context=0", "model.context = 0: must be >= 0.05"),
+    ("model.context=64", "model.context = 64: must be <= 1"),
     ("tune.sigma_grid=[-1.0]", "tune.sigma_grid[0] = -1.0: must be >= 0"),
     ("simulate.offsets=[]", "simulate.offsets lists 0 shifts for simulate.n_train = 4"),
     ("train.color_jitter=0.2", "train.feature_cache fixes the backbone input"),
@@ -97,17 +101,28 @@ def test_every_checked_field_refuses_a_bad_value_when_params_are_read(override, 
 
 
 def test_sections_check_their_fields_however_they_are_made():
-    from src.core.config import LossConfig
+    """Made in code, by dataclasses.replace, or read from params.yaml: the same checks (in code a bad
+    value is a bug, so pydantic's own error; from params.yaml one line)."""
+    import dataclasses
 
-    with pytest.raises(InputError, match=re.escape("loss.alpha = -0.1: must be >= 0")):
+    from pydantic import ValidationError
+
+    from src.core.sections import LossConfig
+
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
         LossConfig(-0.1, 0.1, "log", 1e-10)
+    loss = LossConfig(0.5, 0.1, "log", 1e-10)
+    with pytest.raises(ValidationError, match="target_transform"):
+        dataclasses.replace(loss, target_transform="sqrt")
+    assert dataclasses.asdict(dataclasses.replace(loss, alpha=1)) == {"alpha": 1.0, "regularization": 0.1,
+                                                                      "target_transform": "log", "log_epsilon": 1e-10}
 
 
 def test_the_names_a_field_accepts_are_the_names_its_module_acts_on():
     """Each registry is keyed by the names its params.yaml field allows: nothing to choose that does nothing."""
     import typing
 
-    from src.core import config
+    from src.core import sections as config
     from src.data.stain import METHODS
     from src.data.transforms import DIHEDRAL, dihedral
     from src.model.fusion import FUSIONS
@@ -195,3 +210,33 @@ def test_weights_that_cannot_be_had_or_do_not_fit_stop_the_study_before_any_tria
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt"]
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda r: r["stain"].update(method="reinhard"),
+    lambda r: r["stain"].update(colour="blue"),
+    lambda r: r["patches"].update(size="big"),
+    lambda r: r["loss"].update(alpha=1.5),
+    lambda r: r["infer"].update(tta=[]),
+    lambda r: r["patches"].update(offsets={"S_1": [3]}),
+    lambda r: r["train"].pop("epochs"),
+])
+def test_the_published_schema_is_current_and_refuses_what_the_loader_refuses(mutate):
+    """params.schema.json is what editors check params.yaml with: written from the sections (`make
+    schema`), it accepts the project's params and refuses a bad value as loading does."""
+    import json
+
+    import jsonschema
+
+    from src.core.config import json_schema
+
+    committed = json.loads((ROOT / "params.schema.json").read_text())
+    assert committed == json_schema(), "params.schema.json is stale: run `make schema`"
+    assert (ROOT / "params.yaml").read_text().startswith("# yaml-language-server: $schema=params.schema.json")
+    jsonschema.validate(raw_params(), committed)
+    raw = raw_params()
+    mutate(raw)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(raw, committed)
+    with pytest.raises(InputError):
+        params_from_dict(raw)

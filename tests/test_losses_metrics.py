@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from scipy.stats import spearmanr
 
-from src.core.config import LossConfig
-from src.core.errors import InputError
+from src.core.sections import LossConfig
 from src.engine.metrics import (
     competition_score,
     floor_score,
@@ -64,7 +64,7 @@ def test_alpha_blends_the_two_terms():
     mse = float(torch.nn.functional.mse_loss(pred, targets))
     assert values[0] == pytest.approx(mse, rel=1e-5)
     assert values[1] == pytest.approx((values[0] + values[2]) / 2, rel=1e-5)
-    with pytest.raises(InputError, match="loss.alpha = 1.5: must be <= 1"):
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
         LossConfig(1.5, 0.1, "log1p", 1e-10)  # a section checks its bounds however it is made
 
 

@@ -114,7 +114,7 @@ def test_output_bias_starts_at_the_mean_profile():
 
 
 def test_recipes_that_share_fold_backbones_store_them_once_and_load_back_exactly(tmp_path):
-    from src.core.config import InferConfig, LossConfig
+    from src.core.sections import InferConfig, LossConfig
     from src.model.checkpoint import load_checkpoint, save_recipes
     from src.model.network import Ensemble
 

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.core.config import PatchesConfig, StainConfig
 from src.core.errors import InputError
+from src.core.sections import PatchesConfig, StainConfig
 from src.data.normalization import SLIDES_FILE, normalize_file
 from src.data.patch_extraction import extract_patches
 from src.data.patch_set import load_patch_set

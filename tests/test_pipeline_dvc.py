@@ -106,7 +106,7 @@ def test_truthless_data_the_way_the_readme_says_then_a_noop_repro(repo, tmp_path
     """A file without a truth file, as the competition's: `dvc add` it, point data.h5 at it, set
     data.truth to "", `dvc repro`: every stage runs, every declared output exists, the metrics are the
     CV figures, the shifted training slide is registered; a second `dvc repro` runs nothing."""
-    from src.core.config import SimulateConfig
+    from src.core.sections import SimulateConfig
     from src.data.simulation import simulate, write_layout
 
     path, env = repo

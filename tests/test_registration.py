@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from src.core.config import PatchesConfig, SimulateConfig
+from src.core.sections import PatchesConfig, SimulateConfig
 from src.data.patch_extraction import extract_patches
 from src.data.patch_set import load_patch_set
 from src.data.registration import estimate_offset
@@ -55,7 +55,7 @@ def test_max_shift_zero_searches_nothing():
 @pytest.fixture(scope="module")
 def shifted_store(tmp_path_factory):
     """A normalized file whose S_1 is shifted by (-30, 20) and S_2 aligned (both large enough)."""
-    from src.core.config import StainConfig
+    from src.core.sections import StainConfig
     from src.data.normalization import normalize_file
 
     folder = tmp_path_factory.mktemp("shifted")

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from src.core.config import CVConfig
 from src.core.errors import InputError
+from src.core.sections import CVConfig
 from src.data.spatial import SPOT_RADIUS, balanced_blocks
 from src.engine.folds import make_folds
 
@@ -65,5 +66,5 @@ def test_leave_one_slide_out_needs_no_buffer():
     assert all(f.dropped == 0 and len(f.train) == 100 for f in folds)
     with pytest.raises(InputError, match="at least 2 training slides"):
         make_folds(xy[:100], slides[:100], _cfg(scheme="leave_one_slide_out"), 64)
-    with pytest.raises(InputError, match="cv.scheme = 'random'"):
-        make_folds(xy, slides, _cfg(scheme="random"), 64)
+    with pytest.raises(ValidationError, match="'blocks' or 'leave_one_slide_out'"):
+        _cfg(scheme="random")  # a section refuses it when it is made

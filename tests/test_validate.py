@@ -170,7 +170,7 @@ def _float_coordinates(table, jitter):
 
 
 def test_float_coordinates_are_rounded_and_said_so_then_every_stage_runs(tiny_dataset, tmp_path, capsys):
-    from src.core.config import PatchesConfig, StainConfig
+    from src.core.sections import PatchesConfig, StainConfig
     from src.data.patch_extraction import extract_patches
 
     datasets = read_layout(tiny_dataset[0])

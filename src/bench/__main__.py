@@ -8,7 +8,7 @@ import argparse
 import typing
 from pathlib import Path
 
-from src.core.config import SimulationFamily
+from src.core.sections import SimulationFamily
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from src.bench.search_results import Delivery, SeedResult, print_results
-from src.core.config import Params, apply_overrides, params_from_dict, read_raw
+from src.core.config import apply_overrides, params_from_dict, read_raw
+from src.core.sections import Params
 
 
 def plain_baseline(backbone: str = "resnet18") -> list[str]:

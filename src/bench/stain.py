@@ -21,7 +21,7 @@ def _best_of(repeats: int, fn, *args):
 def bench_stain(size: int = 2000, repeats: int = 3, seed: int = 0) -> dict:
     import staintools
 
-    from src.core.config import SimulateConfig
+    from src.core.sections import SimulateConfig
     from src.data.families import simulate_family
     from src.data.stain import StainNormalizer
 

@@ -1,173 +1,64 @@
-"""The checks a config section's fields declare in their annotations: choices (``Literal``), bounds
-and lengths (``Annotated[..., AtLeast(1)]``), and the conversion of YAML values to the field types.
-
-A :class:`Section` (a frozen dataclass of ``src.core.config``) checks its fields whenever it is made,
-from params.yaml or in code, so no worker has to check a value again.
-"""
+"""A pydantic validation error of params as one line naming the key and the value (the first problem
+found), in the project's wording: ``params: infer.tta[0] = 'spin': choose identity, hflip, ...``."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from src.core.errors import InputError
+from pydantic import ValidationError
 
-
-@dataclass(frozen=True)
-class Bound:
-    """A numeric bound of a field: ``value >= low`` (or ``> low`` when ``strict``), ``value <= high``."""
-
-    low: float | None = None
-    high: float | None = None
-    strict: bool = False
-
-    def violated(self, value: float) -> str | None:
-        if self.low is not None and (value <= self.low if self.strict else value < self.low):
-            return f"must be {'>' if self.strict else '>='} {self.low:g}"
-        if self.high is not None and value > self.high:
-            return f"must be <= {self.high:g}"
-        return None
-
-
-@dataclass(frozen=True)
-class Length:
-    """A list field's exact length (``what`` says what its items are, for the error message)."""
-
-    n: int
-    what: str
-
-
-def AtLeast(low: float) -> Bound:  # noqa: N802 -- reads as a type annotation
-    return Bound(low=low)
-
-
-def Above(low: float) -> Bound:  # noqa: N802
-    return Bound(low=low, strict=True)
-
-
-def Within(low: float, high: float) -> Bound:  # noqa: N802
-    return Bound(low=low, high=high)
-
-
-class Section:
-    """Base of the config sections: every field's choices and bounds are checked when a section is
-    made (from params.yaml or in code), then ``check`` relates fields to each other."""
-
-    section: typing.ClassVar[str] = ""  # its key in params.yaml (``class LossConfig(Section, key="loss")``)
-
-    def __init_subclass__(cls, key: str = "", **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls.section = key
-
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self), include_extras=True)
-        for f in dataclasses.fields(self):
-            check_rules(getattr(self, f.name), hints[f.name], f"{self.section}.{f.name}")
-        self.check()
-
-    def check(self) -> None:
-        """Rules between fields (none by default)."""
-
-
-
-def choices(annotation: Any) -> tuple[str, ...]:
-    """The names a ``Literal`` field (or a list of them) may take."""
-    if typing.get_origin(annotation) in (Annotated, list):
-        return choices(typing.get_args(annotation)[0])
-    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+QUOTED = r"'([^']*)'"  # the choices in pydantic's "'a', 'b' or 'c'"
+TYPES = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
+         "bool_type": "true or false", "string_type": "a string", "list_type": "a list", "dict_type": "a mapping"}
 
 
 def describe_value(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def check_rules(value: Any, annotation: Any, where: str) -> None:
-    """Choices (``Literal``), bounds and lengths (``Annotated``) of a value of the right type."""
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        base, *rules = typing.get_args(annotation)
-        for rule in rules:
-            if isinstance(rule, Length) and rule.n < 0 and not value:
-                raise InputError(f"params: {where}: list at least one of the {rule.what}")
-            if isinstance(rule, Length) and rule.n >= 0 and len(value) != rule.n:
-                raise InputError(f"params: {where} = {value}: expected {rule.what}")
-        check_rules(value, base, where)
-        for rule in rules:
-            if isinstance(rule, Bound) and (problem := rule.violated(value)):
-                raise InputError(f"params: {where} = {describe_value(value)}: {problem}")
-    elif origin is Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
-            raise InputError(f"params: {where} = {describe_value(value)}: choose {', '.join(allowed)}")
-    elif origin is list:
-        (item_type,) = typing.get_args(annotation)
-        for i, item in enumerate(value):
-            check_rules(item, item_type, f"{where}[{i}]")
-    elif origin is dict:
-        _, val_type = typing.get_args(annotation)
-        for key, item in value.items():
-            check_rules(item, val_type, f"{where}.{key}")
+def _where(prefix: str, loc: tuple) -> str:
+    text = prefix
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f"{'.' if text else ''}{part}"
+    return text
 
 
-def convert(value: Any, annotation: Any, where: str) -> Any:
-    """A YAML value as the field's type (ints where floats are expected become floats); choices and
-    bounds are the section's to check."""
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return convert(value, typing.get_args(annotation)[0], where)
-    if origin is Literal:
-        if not isinstance(value, str):
-            allowed = ", ".join(typing.get_args(annotation))
-            raise InputError(f"params: {where} = {describe_value(value)}: choose {allowed}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return build(annotation, value, where)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"params: {where} must be a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"params: {where} must be an integer, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise InputError(f"params: {where} must be true or false, got {value!r}")
-        return value
-    if annotation is str:
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise InputError(f"params: {where} must be a string, got {value!r}")
-        return value
-    if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise InputError(f"params: {where} must be a mapping, got {value!r}")
-        _, val_type = typing.get_args(annotation)
-        return {str(k): convert(v, val_type, f"{where}.{k}") for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise InputError(f"params: {where} must be a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation)
-        return [convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
-    if annotation is typing.Any:
-        return value
-    raise TypeError(f"unsupported annotation {annotation!r} at {where}")
+def _known(root: type | None, loc: tuple) -> str:
+    """`` (known: a, b, c)``: the fields of the section an unknown key was found in."""
+    cls: Any = root
+    for part in loc[:-1]:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        cls = hints.get(part)
+    if not dataclasses.is_dataclass(cls):
+        return ""
+    return f" (known: {', '.join(f.name for f in dataclasses.fields(cls))})"
 
 
-def build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise InputError(f"params: section {where or 'top level'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls, include_extras=True)
-    known = [f.name for f in dataclasses.fields(cls)]
-    prefix = f"{where}." if where else ""
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise InputError(f"params: unknown key {prefix}{unknown[0]} (known: {', '.join(known)})")
-    missing = [k for k in known if k not in raw]
-    if missing:
-        raise InputError(f"params: missing key {prefix}{missing[0]}")
-    return cls(**{k: convert(raw[k], hints[k], prefix + k) for k in known})
+def one_line(err: ValidationError, prefix: str = "", root: type | None = None) -> str:
+    """The first error of ``err``; ``prefix`` names where the validated value sits (``section.field``),
+    ``root`` is the validated type (for the list of known keys)."""
+    first = err.errors()[0]
+    kind, loc, ctx = first["type"], tuple(first["loc"]), first.get("ctx") or {}
+    where, value = _where(prefix, loc), first.get("input")
+    if kind == "missing":
+        return f"params: missing key {where}"
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"params: unknown key {where}{_known(root, loc)}"
+    if kind == "dataclass_type":
+        return f"params: section {where} must be a mapping, got {value!r}"
+    if kind in TYPES:
+        return f"params: {where} must be {TYPES[kind]}, got {value!r}"
+    shown = f"params: {where} = {describe_value(value)}"
+    if kind == "literal_error":
+        return f"{shown}: choose {', '.join(re.findall(QUOTED, ctx.get('expected', '')))}"
+    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+              "less_than": ("<", "lt")}
+    if kind in bounds:
+        sign, key = bounds[kind]
+        return f"{shown}: must be {sign} {ctx[key]:g}"
+    if kind in ("too_short", "too_long"):
+        n = ctx["min_length"] if kind == "too_short" else ctx["max_length"]
+        return f"{shown}: expected at {'least' if kind == 'too_short' else 'most'} {n} value{'s' if n > 1 else ''}"
+    return f"{shown}: {first['msg']}"

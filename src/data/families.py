@@ -3,7 +3,7 @@
 assumptions so that what is chosen on one can be scored on the other."""
 from __future__ import annotations
 
-from src.core.config import SimulateConfig
+from src.core.sections import SimulateConfig
 from src.data.simulation import SimulatedSlide, simulate
 from src.data.simulation_cells import simulate_cells
 

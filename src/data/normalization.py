@@ -10,9 +10,9 @@ from pathlib import Path
 
 import h5py
 
-from src.core.config import StainConfig
 from src.core.errors import InputError
 from src.core.files import atomic_path
+from src.core.sections import StainConfig
 from src.data.slides import SlideRef, image_chunks, open_h5, read_image_uint8, slide_refs
 from src.data.stain import StainNormalizer
 from src.data.truth import check_truth_file

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.core.config import PatchesConfig
 from src.core.errors import InputError
 from src.core.files import atomic_path
+from src.core.sections import PatchesConfig
 from src.data.patch_set import PatchSet
 from src.data.patch_store import META_FILE, SlideCrops, crop_corners, crops_file, padded_slide, slide_file, spots_file
 from src.data.registration import MIN_SPOTS, Registration, estimate_offset, tissue_cover, tissue_fraction

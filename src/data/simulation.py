@@ -29,8 +29,8 @@ import numpy as np
 from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
-from src.core.config import SimulateConfig
 from src.core.files import atomic_path
+from src.core.sections import SimulateConfig
 from src.data.slides import image_chunks
 from src.data.spatial import SPOT_RADIUS
 

@@ -14,8 +14,8 @@ import typing
 
 import numpy as np
 
-from src.core.config import StainMethod
 from src.core.errors import InputError
+from src.core.sections import StainMethod
 
 METHODS: tuple[str, ...] = typing.get_args(StainMethod)
 LASSO_LAMBDA = 0.01  # staintools.miscellaneous.get_concentrations default

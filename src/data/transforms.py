@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2
 
-from src.core.config import Dihedral, TrainConfig
+from src.core.sections import Dihedral, TrainConfig
 
 DIHEDRAL: tuple[str, ...] = typing.get_args(Dihedral)
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from src.core.config import Params
+from src.core.sections import Params
 from src.data.patch_set import PatchSet, SpotDataset
 from src.data.transforms import build_transform
 from src.model.feature_cache import FeatureCache, FeatureCaches, cached_batch, needed_variants

@@ -9,9 +9,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from src.core.config import LossConfig, Params
 from src.core.devices import default_device
 from src.core.locations import shared_path
+from src.core.sections import LossConfig, Params
 from src.data.patch_set import PatchSet
 from src.data.spatial import balanced_blocks
 from src.engine.fit import fit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from src.core.config import Params
+from src.core.sections import Params
 from src.data.patch_set import PatchSet
 from src.engine.cross_validation import cross_validate
 from src.engine.fit import fit

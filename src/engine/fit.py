@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from src.core.config import Params
 from src.core.devices import autocast, check_device, default_device
 from src.core.locations import shared_path
+from src.core.sections import Params
 from src.data.patch_set import PatchSet
 from src.engine.batches import Batches
 from src.engine.inference import predict

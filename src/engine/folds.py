@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from src.core.config import CVConfig
 from src.core.errors import InputError
+from src.core.sections import CVConfig
 from src.data.spatial import SPOT_RADIUS, balanced_blocks
 
 

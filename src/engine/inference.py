@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from src.core.config import InferConfig
 from src.core.devices import autocast, default_device
+from src.core.sections import InferConfig
 from src.data.patch_set import PatchSet, SpotDataset
 from src.data.transforms import build_transform, dihedral
 from src.engine.ensemble_selection import combine

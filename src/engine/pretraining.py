@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from src.core.config import LossConfig, Params
 from src.core.files import atomic_path
 from src.core.locations import shared_path
+from src.core.sections import LossConfig, Params
 from src.data.patch_set import PatchSet
 from src.model.backbone import backbone_block_count
 

@@ -9,8 +9,8 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
-from src.core.config import ModelConfig
 from src.core.errors import InputError
+from src.core.sections import ModelConfig
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from src.core.config import InferConfig, LossConfig, ModelConfig
 from src.core.errors import InputError
 from src.core.files import atomic_path
 from src.core.provenance import imported_modules, modules_digest, versions
+from src.core.sections import InferConfig, LossConfig, ModelConfig
 from src.model.network import Ensemble, RecipeEnsemble, SpatialCellModel
 
 FORMAT = 5  # 1: before the preprocessing and provenance were recorded; 2: model.context in px; 3: one recipe

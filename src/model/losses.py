@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torchsort
 
-from src.core.config import LossConfig
+from src.core.sections import LossConfig
 
 
 def _row_pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ import timm
 import torch
 from torch import nn
 
-from src.core.config import ModelConfig
 from src.core.errors import InputError
+from src.core.sections import ModelConfig
 from src.data.transforms import Preprocessing
 from src.model.backbone import backbone_blocks, create_backbone
 from src.model.backbone_split import BackboneGraph, BackboneSplit, pool_positions

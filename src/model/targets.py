@@ -7,7 +7,7 @@ import numpy as np
 from scipy.interpolate import interp1d
 from scipy.stats import rankdata
 
-from src.core.config import TargetTransform
+from src.core.sections import TargetTransform
 
 TARGET_TRANSFORMS: tuple[str, ...] = typing.get_args(TargetTransform)
 

@@ -20,7 +20,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from src.core.config import Params, PrunerName
+from src.core.sections import Params, PrunerName
 
 PRUNERS: tuple[str, ...] = typing.get_args(PrunerName)
 WILCOXON_P = 0.1  # one-sided p below which a trial is judged worse than the best (Optuna's default)

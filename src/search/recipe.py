@@ -9,8 +9,8 @@ from pathlib import Path
 import optuna
 import yaml
 
-from src.core.config import Params
 from src.core.errors import InputError
+from src.core.sections import Params
 from src.search.space import parse_space, suggest
 
 

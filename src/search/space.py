@@ -21,9 +21,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from src.core.config import Params, check_field, params_from_dict
+from src.core.config import check_field, params_from_dict
 from src.core.config import field_type as annotation_of
 from src.core.errors import InputError
+from src.core.sections import Params
 from src.model.backbone import backbone_block_count, check_weights
 
 NOT_SEARCHABLE = {"data", "simulate", "stain", "patches", "tune", "pretrain"}  # data stages, the search itself,
