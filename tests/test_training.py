@@ -381,3 +381,24 @@ def test_offline_predict_of_an_hf_hub_backbone_says_the_config_is_missing_not_th
     assert run.returncode == 2 and len(lines) == 1, run.stderr
     assert "config.json" in lines[0] and "could not be fetched" not in lines[0] and "weights of" not in lines[0]
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_equal_checkpoints_are_equal_bytes_however_their_config_objects_were_made(fitted, train_set, tmp_path):
+    """Members read back from the model store carry config strings of their own; members built from
+    params.yaml share them. Pickle writes shared objects by reference: the checkpoint must not care."""
+    import copy
+    import dataclasses
+
+    from src.model.checkpoint import save_recipes
+
+    params, result = fitted
+    first, second = result.model, copy.deepcopy(result.model)
+    paths = []
+    for name, backbone in (("shared", first.cfg.backbone), ("own", "".join(list(first.cfg.backbone)))):
+        second.cfg = dataclasses.replace(second.cfg, backbone=backbone)
+        paths.append(tmp_path / f"{name}.pt")
+        save_recipes(paths[-1], [(first, params.loss, params.infer, 0.5), (second, params.loss, params.infer, 0.5)],
+                     targets=list(train_set.targets), patch_size=train_set.patch_size, stain={"method": "none"},
+                     rank_scale=rank_scale(train_set.abundance).tolist())
+    assert first.cfg.backbone is not second.cfg.backbone  # the second time, two string objects
+    assert paths[0].read_bytes() == paths[1].read_bytes()

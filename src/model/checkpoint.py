@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 from pathlib import Path
 
 import torch
@@ -61,7 +62,19 @@ def save_recipes(path: str | Path, recipes: list[tuple[SpatialCellModel | Ensemb
         "data_digest": data_digest,
     }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(payload, f)  # a file object: the archive's inner folder is "archive", not the temporary name
+        torch.save(_canonical(payload), f)  # a file object: the archive's folder is "archive", not the temp name
+
+
+def _canonical(value):
+    """The payload with every container made anew and every string interned. Pickle writes an object
+    it has seen before as a reference, so whether two equal strings were one object (a config built
+    from params.yaml) or two (one read back from the model store) would change the file's bytes;
+    tensors are left as ``_share_equal_tensors`` made them."""
+    if isinstance(value, dict):
+        return type(value)((_canonical(k), _canonical(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_canonical(v) for v in value)
+    return sys.intern(value) if isinstance(value, str) else value
 
 
 def _recipe_payload(model: SpatialCellModel | Ensemble, loss: LossConfig, infer: InferConfig, weight: float) -> dict:
