@@ -72,10 +72,11 @@ class PatchSet:
 
     def slide_image(self, name: str) -> np.ndarray | None:
         """The pixels of slide ``name`` as the patches were cut from it (H x W x 3 uint8, a view), or None
-        when the patches are a plain array."""
-        if not isinstance(self.images, SlideCrops):
+        when the patches are a plain array (or the slide has no spot)."""
+        rows = np.flatnonzero(self.slides == name)
+        if not isinstance(self.images, SlideCrops) or not len(rows):
             return None
-        row = int(np.flatnonzero(self.slides == name)[0])
+        row = int(rows[0])
         padded = self.images.slides[self.images.index[row, 0]]
         height, width = self.slide_sizes[name]
         pad = (padded.shape[0] - height) // 2  # the same reflect padding on every side

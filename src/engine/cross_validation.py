@@ -17,7 +17,7 @@ from src.data.spatial import balanced_blocks
 from src.engine.fit import fit
 from src.engine.folds import make_folds
 from src.engine.inference import predict
-from src.engine.metrics import competition_score, map_per_type, map_score, position_floor
+from src.engine.metrics import competition_score, map_per_type, map_score, position_floor, types_mean
 from src.engine.pretraining import fold_backbone, with_backbone
 from src.engine.smoothing import smooth
 from src.model.feature_cache import FeatureCaches
@@ -132,6 +132,6 @@ def cross_validate(params: Params, patch_set: PatchSet, on_fold: FoldCallback | 
     score, fold_scores, per_type = cv_score(oof, patch_set, fold_of, params.loss, sigma, truncate)
     return CVResult(oof=oof, fold_of=fold_of, fold_scores=fold_scores, score=score, sigma=sigma,
                     sigma_scores=sigma_scores, floor=competition_score(floor_preds, abundance),
-                    map_score=float(np.nanmean(per_type)), map_floor=map_score(position_preds, abundance, slides),
+                    map_score=types_mean(per_type), map_floor=map_score(position_preds, abundance, slides),
                     per_type=per_type, epochs_run=epochs_run, dropped=[f.dropped for f in folds],
                     seconds=time.perf_counter() - start, models=models)

@@ -59,7 +59,11 @@ def map_per_type(pred: np.ndarray, true: np.ndarray, slides: np.ndarray) -> np.n
 
 def map_score(pred: np.ndarray, true: np.ndarray, slides: np.ndarray) -> float:
     """The map score: ``map_per_type`` averaged over the cell types that vary somewhere."""
-    per_type = map_per_type(pred, true, slides)
+    return types_mean(map_per_type(pred, true, slides))
+
+
+def types_mean(per_type: np.ndarray) -> float:
+    """The mean of per-type scores over the cell types that have one (nan when none has)."""
     return float(np.nanmean(per_type)) if np.isfinite(per_type).any() else float("nan")
 
 

@@ -26,7 +26,7 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all
 from src.data.patch_set import PatchSet
 from src.engine.cross_validation import delivered_view
 from src.engine.ensemble_selection import NestedScores, combine, greedy_selection, nested_scores
-from src.engine.metrics import competition_score, map_per_type
+from src.engine.metrics import competition_score, map_per_type, types_mean
 from src.model.targets import from_abundance_scale, rank_scale
 from src.search.recipe import params_for_trial
 from src.search.space import run_value
@@ -126,7 +126,7 @@ def select(study: optuna.Study, storage, artifact_dir: Path, patch_set: PatchSet
     per_type = map_per_type(delivered_oof, truth, slides)
     return Selection("ensemble" if take_ensemble else "single", members, ensemble, best.number, float(best.value),
                      float(cv_ensemble), nested, len(trials), cv=competition_score(delivered_oof, truth),
-                     cv_map=float(np.nanmean(per_type)), cv_per_type=per_type)
+                     cv_map=types_mean(per_type), cv_per_type=per_type)
 
 
 def describe_selection(selection: Selection) -> str:
