@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what stage train delivers: the best trial or the selected ensemble of trials")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/tune.json"))
     parser.add_argument("--cv-per-type", type=Path, default=Path("metrics/cv_per_type.csv"),
-                        help="the best trial's out-of-fold Spearman per cell type (CSV)")
+                        help="the delivered model's nested out-of-fold Spearman across spots per cell type (CSV)")
     parser.add_argument("--history", type=Path, default=Path("metrics/optimization_history.csv"),
                         help="value and best value so far of every complete trial (CSV)")
     parser.add_argument("--artifacts", type=Path, default=ARTIFACT_DIR,
