@@ -23,15 +23,29 @@ import pandas as pd
 
 from src.core.errors import InputError, exit_on_input_error
 from src.core.files import write_csv
-from src.data.ingestion import COMPETITION_UM_PER_PX, VISIUM_SPOT_UM
 from src.data.patch_extraction import crop_test_slides
 from src.data.patch_set import PatchSet
 from src.data.prediction_files import SlideSource, write_prediction_csv, write_prediction_h5ad
-from src.data.slides import open_h5, read_fullres, slide_refs
+from src.data.slides import open_h5, read_fullres, read_um_per_px, slide_refs
+from src.data.spatial import SPOT_DIAMETER_UM
 from src.data.stain import StainNormalizer
 from src.engine.inference import predict_abundance
 from src.model.checkpoint import load_checkpoint
 from src.report.plots import spatial_map
+
+RESOLUTION_TOLERANCE = 0.01  # relative: a slide at another resolution shows the tissue at another size
+
+
+def check_resolution(h5_path: Path, model_um_per_px: float) -> None:
+    """The slides must be at the resolution the model was trained at (their patches cover the same tissue)."""
+    if not h5_path.is_file():
+        return  # crop_test_slides says so
+    with open_h5(h5_path) as h5:
+        um_per_px = read_um_per_px(h5)
+    if abs(um_per_px / model_um_per_px - 1) > RESOLUTION_TOLERANCE:
+        raise InputError(f"{h5_path}: slides at {um_per_px:g} um/px, but the model was trained at "
+                         f"{model_um_per_px:g} um/px: import them again with `python -m src.ingest ... "
+                         f"--resolution {model_um_per_px:g}`")
 
 
 def predict_file(model_path: Path, h5_path: Path, out: Path, table: Path | None = None,
@@ -40,6 +54,7 @@ def predict_file(model_path: Path, h5_path: Path, out: Path, table: Path | None 
         if extra is not None and extra.suffix != suffix:
             raise InputError(f"{extra}: expected a {suffix} file name")
     model, meta = load_checkpoint(model_path)
+    check_resolution(h5_path, meta["um_per_px"])
     patch_set = crop_test_slides(h5_path, StainNormalizer.from_dict(meta["stain"]), meta["patch_size"],
                                  meta["targets"], log)
     pred = predict_abundance(model, meta, patch_set)
@@ -64,12 +79,12 @@ def predict_file(model_path: Path, h5_path: Path, out: Path, table: Path | None 
 def _slide_sources(h5_path: Path, patch_set: PatchSet) -> dict[str, SlideSource]:
     """Each test slide's image (as predicted) and how its pixels relate to the source's."""
     with open_h5(h5_path) as h5:
-        um_per_px = float(h5.attrs.get("um_per_px", COMPETITION_UM_PER_PX))
+        um_per_px = read_um_per_px(h5)
         out = {}
         for ref in (r for r in slide_refs(h5) if r.split == "Test"):
             attrs = (read_fullres(h5, ref) or (None, {}))[1]
             out[ref.name] = SlideSource(image=patch_set.slide_image(ref.name), scale=float(attrs.get("scale", 1.0)),
-                                        spot_diameter=VISIUM_SPOT_UM / um_per_px, library_id=attrs.get("library_id", ""),
+                                        spot_diameter=SPOT_DIAMETER_UM / um_per_px, library_id=attrs.get("library_id", ""),
                                         scalefactors=attrs.get("scalefactors", {}))
     return out
 

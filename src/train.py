@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from src.core.config import add_params_arguments, apply_overrides, load_params, read_raw
 from src.core.errors import InputError, exit_on_input_error
 from src.data.patch_set import load_patch_set
@@ -51,10 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     for params, weight, name in members:
         model, epochs = final_model(params, patch_set)
         kind = f"ensemble of {len(epochs)} fold models" if params.train.final == "ensemble" else "retrained model"
-        print(f"{name}: {kind}, epochs {epochs}, smoothing sigma {params.infer.smoothing_sigma:g} px, weight {weight:g}")
+        print(f"{name}: {kind}, epochs {epochs}, smoothing sigma {params.infer.smoothing_sigma:g} spot pitches, weight {weight:g}")
         built.append((model, params.loss, params.infer, weight))
     shared = {"targets": patch_set.targets, "patch_size": patch_set.patch_size, "stain": stain,
-              "rank_scale": rank_scale(patch_set.abundance).tolist(), "data_digest": patch_set.digest()}
+              "rank_scale": rank_scale(patch_set.abundance).tolist(), "data_digest": patch_set.digest(),
+              "um_per_px": patch_set.um_per_px, "pitch": float(np.median(list(patch_set.pitches().values())))}
     if len(built) == 1:
         model, loss, infer, _ = built[0]
         save_checkpoint(args.out, model, loss=loss, infer=infer, **shared)

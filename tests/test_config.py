@@ -75,7 +75,7 @@ BAD_VALUES = [
     ("loss.regularization=0.0", "loss.regularization = 0.0: must be > 0"),
     ("loss.log_epsilon=0.0", "loss.log_epsilon = 0.0: must be > 0"),
     ("patches.size=4", "patches.size = 4: must be >= 8"),
-    ("patches.max_shift_px=-1", "patches.max_shift_px = -1: must be >= 0"),
+    ("patches.max_shift=-1", "patches.max_shift = -1: must be >= 0"),
     ("patches.offsets.S_1=[3]", "patches.offsets.S_1 = [3]: expected at least 2 values"),
     ("patches.offsets.S_1=[3, 4, 5]", "patches.offsets.S_1 = [3, 4, 5]: expected at most 2 values"),
     ("patches.size=32.0", "patches.size must be an integer, got 32.0"),

@@ -57,7 +57,7 @@ def test_a_study_selection_reads_back_the_scores_its_trials_recorded(tmp_path, t
     from tests.test_tune import _study, base_raw
 
     train_set = load_patch_set(tiny_patches / "patches", "train")
-    raw = base_raw("tune.pruner=none", "tune.sigma_grid=[0.0, 25.0]", "loss.target_transform=log")
+    raw = base_raw("tune.pruner=none", "tune.sigma_grid=[0.0, 1.0]", "loss.target_transform=log")
     study = _study(tmp_path, raw, 3, train_set)
     storage = create_storage(f"sqlite:///{tmp_path}/s.db", 60)
     store = FileSystemArtifactStore(str(tmp_path / "artifacts"))
@@ -100,7 +100,7 @@ def test_train_delivers_the_selected_trials_and_the_checkpoint_predicts_their_we
 
     train_set = load_patch_set(tiny_patches / "patches", "train")
     test_set = load_patch_set(tiny_patches / "patches", "test")
-    raw = base_raw("tune.pruner=none", "tune.sigma_grid=[0.0, 25.0]")
+    raw = base_raw("tune.pruner=none", "tune.sigma_grid=[0.0, 1.0]")
     study = _study(tmp_path, raw, 2, train_set)
     chosen = select(study, create_storage(f"sqlite:///{tmp_path}/s.db", 60), tmp_path / "artifacts", train_set, raw, 4)
     out = StageOutputs(*(tmp_path / n for n in ("best.yaml", "tune.json", "cv.csv", "h.csv", "ensemble.yaml")))

@@ -21,7 +21,7 @@ TINY = ["--set", "simulate.size=240", "--set", "simulate.n_train=2", "--set", "s
 
 def _export(folder, scale=4):
     simulate.main(["--out", str(folder / "sim.h5"), "--truth-out", str(folder / "truth.h5"),
-                   "--visium", str(folder / "visium"), "--fullres-scale", str(scale), *TINY])
+                   "--visium", str(folder / "visium"), "--fullres-scale", str(scale), "--geometry", "competition", *TINY])
     return folder / "visium"
 
 
@@ -73,10 +73,10 @@ def test_both_routes_import_the_simulated_slides_they_came_from(exported, import
 def test_the_import_reads_the_pyramid_level_that_fits(exported, tmp_path, capsys):
     ingest.main([str(exported / "manifest_spaceranger.csv"), "--out", str(tmp_path / "a.h5")])
     out = capsys.readouterr().out
-    assert "level 2 of 4, 960 x 960 -> 240 x 240 px" in out  # 4x finer source: the 4x-reduced level
+    assert "level 1 of 2, 960 x 960 -> 240 x 240 px" in out  # 4x finer source: the coarsest level still finer
     assert "40 spots listed" not in out and "in tissue" in out
-    ingest.main([str(exported / "manifest_spaceranger.csv"), "--out", str(tmp_path / "b.h5"), "--um-per-px", "1.058"])
-    assert "level 1 of 4, 960 x 960 -> 480 x 480 px" in capsys.readouterr().out  # twice the competition's detail
+    ingest.main([str(exported / "manifest_spaceranger.csv"), "--out", str(tmp_path / "b.h5"), "--resolution", "1.058"])
+    assert "level 1 of 2, 960 x 960 -> 480 x 480 px" in capsys.readouterr().out  # twice the competition's detail
 
 
 def test_two_source_resolutions_give_patches_that_agree(exported, imported, tmp_path):
@@ -155,7 +155,7 @@ def _scalefactors(value):
 
 
 def _small_image(f):
-    image = tifffile.imread(f / "images/train_S_1_fullres.tif", level=2)
+    image = tifffile.imread(f / "images/train_S_1_fullres.tif", level=1)
     tifffile.imwrite(f / "images/train_S_1_fullres.tif", image, photometric="rgb")
 
 
@@ -172,7 +172,70 @@ def _no_spatial(f):
     adata.write_h5ad(path)
 
 
+def _image(f, slide="train_S_1"):
+    return f / "images" / (f"{slide}.svs" if slide.startswith("test") else f"{slide}_fullres.tif")
+
+
+def _spatial(f, slide="train_S_1"):
+    return f / f"spaceranger/{slide}/outs/spatial"
+
+
+def _rewrite_image(f, scale=1.0, um_per_px=None):
+    """The slide's image again, ``scale`` times the size, as a plain TIFF with the given pixel size (or none)."""
+    image = tifffile.imread(_image(f), level=0)
+    if scale != 1.0:
+        from PIL import Image
+        size = round(image.shape[1] * scale), round(image.shape[0] * scale)
+        image = np.asarray(Image.fromarray(image).resize(size))
+    tags = {} if um_per_px is None else {"resolution": (1e4 / um_per_px, 1e4 / um_per_px), "resolutionunit": "CENTIMETER"}
+    tifffile.imwrite(_image(f), image, photometric="rgb", tile=(256, 256), compression="jpeg", **tags)
+
+
+def _twice_the_size(f):  # the issue of labs: a full-resolution image twice what the positions imply
+    _rewrite_image(f, 2.0, um_per_px=0.5288 / 2)
+
+
+def _metadata_disagrees(f):
+    (_spatial(f) / "tissue_hires_image.png").unlink()
+    _rewrite_image(f, um_per_px=0.25)
+
+
+def _no_pixel_size(f):
+    _rewrite_image(f)
+    path = _spatial(f) / "scalefactors_json.json"
+    factors = json.loads(path.read_text())
+    del factors["spot_diameter_fullres"]
+    path.write_text(json.dumps(factors))
+
+
+def _missing_last_image(f):
+    _image(f, "test_S_3").unlink()
+
+
+def _truncated(f):
+    path = _image(f, "train_S_2")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _truncated_svs(f):
+    path = _image(f, "test_S_3")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+
+
+def _not_an_image(f):
+    _image(f).write_text("slide,scanner\nS1,unknown\n")
+
+
 BAD = {
+    "image twice the size the positions imply": ("spaceranger", _twice_the_size, "1920 x 1920 px, but the hires image that comes with tissue_positions.csv"),
+    "pixel size of the file and the scalefactors disagree": (
+        "spaceranger", _metadata_disagrees, "pixel size 0.25 um/px (TIFF resolution tags (centimetre)) and Space "
+        "Ranger's 0.528846 um/px"),
+    "no pixel size anywhere": ("spaceranger", _no_pixel_size, "no pixel size: the file gives none"),
+    "image of the last row missing": ("spaceranger", _missing_last_image, "row 3: image of slide test_S_3 not found"),
+    "truncated TIFF": ("spaceranger", _truncated, "train_S_2_fullres.tif: truncated"),
+    "truncated SVS": ("h5ad", _truncated_svs, "test_S_3.svs: truncated"),
+    "an image no reader takes": ("spaceranger", _not_an_image, "not an image format the readers take"),
     "barcodes mostly matching no spot": ("spaceranger", _mostly_unknown,
                                          "abundances/train_S_1.csv: 30 of 41 barcodes match no spot of"),
     "negative abundance": ("spaceranger", _negative, "cell type 'CD8+ T cells' of barcode"),
@@ -182,7 +245,8 @@ BAD = {
     "scalefactors missing": ("spaceranger", _scalefactors(None), "scalefactors_json.json: scalefactors file not found"),
     "scalefactors of another image": ("spaceranger", _scalefactors(10.4), "spot_diameter_fullres = 10.4 px does not fit"),
     "scalefactors not a number": ("spaceranger", _scalefactors("big"), "spot_diameter_fullres = 'big' (expected a positive"),
-    "image smaller than the coordinates": ("spaceranger", _small_image, "spots lie outside the image (240 x 240 px"),
+    "image smaller than the hires image implies": ("spaceranger", _small_image,
+                                                   "480 x 480 px, but the hires image that comes with"),
     "h5ad without obsm spatial": ("h5ad", _no_spatial, "train_S_1.h5ad: no obsm['spatial']"),
 }
 
@@ -195,9 +259,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, exported, tmp_pa
     out, truth = tmp_path / "out.h5", tmp_path / "truth.h5"
     with pytest.raises(SystemExit) as info:
         ingest.main([str(folder / f"manifest_{route}.csv"), "--out", str(out), "--truth-out", str(truth)])
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert info.value.code == 2 and err.count("\n") == 1, err
     assert expected in err, err
+    assert "Train/" not in printed.out  # found before any slide was resampled
     assert not out.exists() and not truth.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
@@ -289,3 +355,41 @@ def test_imported_slides_go_through_dvc_repro_to_predictions_scanpy_reads(tmp_pa
     assert adata.uns["spatial"]["test_S_3"]["scalefactors"]["spot_diameter_fullres"] == 104.0
     submission = pd.read_csv(path / "outputs/submission.csv")  # the pipeline's own prediction of the slide
     np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), table.iloc[:, 6:].to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_file_without_a_pixel_size_takes_the_manifests(exported, tmp_path, capsys):
+    folder = _copy(exported, tmp_path)
+    _no_pixel_size(folder)
+    _edit_csv(folder / "manifest_spaceranger.csv", lambda t: t.assign(um_per_px=["0.52885", "", ""]))
+    ingest.main([str(folder / "manifest_spaceranger.csv"), "--out", str(tmp_path / "a.h5")])
+    assert "0.5289 um/px (the manifest's um_per_px)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _edit_csv(folder / "manifest_spaceranger.csv", lambda t: t.assign(um_per_px=["fine", "", ""]))
+        ingest.main([str(folder / "manifest_spaceranger.csv"), "--out", str(tmp_path / "b.h5")])
+    assert "row 1: um_per_px of slide train_S_1 is 'fine'" in capsys.readouterr().err
+
+
+def test_an_image_coarser_than_the_pipeline_is_refused(exported, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ingest.main([str(exported / "manifest_h5ad.csv"), "--out", str(tmp_path / "a.h5"), "--resolution", "0.25"])
+    err = capsys.readouterr().err
+    assert "train_S_1_fullres.tif: 0.528846 um/px (TIFF resolution tags (centimetre)) is coarser than the " \
+           "pipeline's 0.25 um/px" in err and err.count("\n") == 1
+    assert not (tmp_path / "a.h5").exists()
+
+
+def test_true_visium_geometry_keeps_its_pitch_in_um(tmp_path, capsys):
+    """The lab export's spots sit 100 um apart: 47 px at 2.115 um/px, 94 px at 1.058, recorded per slide."""
+    simulate.main(["--out", str(tmp_path / "sim.h5"), "--visium", str(tmp_path / "v"), *TINY[:-2],
+                   "--set", "simulate.size=500", "--set", "simulate.offsets=[[0, 0], [0, 0]]"])
+    capsys.readouterr()
+    for resolution, pitch in (("2.1154", 47.3), ("1.0577", 94.6)):
+        ingest.main([str(tmp_path / "v/manifest_spaceranger.csv"), "--out", str(tmp_path / f"{resolution}.h5"),
+                     "--resolution", resolution])
+        found = re.findall(r"spot pitch ([0-9.]+) px \((\d+) um\)", capsys.readouterr().out)
+        assert [float(p) for p, _ in found] == pytest.approx([pitch] * 3, abs=0.6)
+        assert [um for _, um in found] == ["100"] * 3
+        with h5py.File(tmp_path / f"{resolution}.h5") as h5:
+            assert h5.attrs["um_per_px"] == pytest.approx(float(resolution))
+            assert [h5[f"fullres/{s}"].attrs["pitch"] for s in ("Train/train_S_1", "Test/test_S_3")] == \
+                pytest.approx([pitch, pitch], abs=0.6)

@@ -183,5 +183,5 @@ def test_smoothing_matches_a_hand_computation_and_sigma_zero_is_identity():
 def test_smoothing_never_mixes_slides():
     xy = np.array([[0.0, 0.0], [5.0, 0.0]])
     values = np.array([[0.0], [10.0]])
-    out = smooth(values, xy, np.array(["S_1", "S_2"]), sigma=25.0)
+    out = smooth(values, xy, np.array(["S_1", "S_2"]), sigma=1.0, pitches={"S_1": 25.0, "S_2": 25.0})
     np.testing.assert_array_equal(out, values)

@@ -29,7 +29,7 @@ def train_set(tiny_patches):
 
 @pytest.fixture(scope="module")
 def neighbour_fit(train_set):
-    params = fast_params("model.neighbour_radius=30")
+    params = fast_params("model.neighbour_radius=1.2")
     rows = np.arange(len(train_set.spots))
     return params, fit(params, train_set, rows[::2], show_progress=False)
 
@@ -38,9 +38,20 @@ def test_neighbour_mean_covers_the_radius_within_one_slide():
     xy = np.array([[0, 0], [25, 0], [50, 0], [100, 0], [0, 0]], float)
     slides = np.array(["a", "a", "a", "a", "b"])
     values = np.array([[1.0], [2.0], [4.0], [8.0], [16.0]])
-    got = neighbour_mean(values, xy, slides, radius=30)
+    pitches = {"a": 25.0, "b": 25.0}
+    got = neighbour_mean(values, xy, slides, radius=1.2, pitches=pitches)  # 30 px
     np.testing.assert_allclose(got[:, 0], [1.5, 7 / 3, 3.0, 8.0, 16.0])  # slide b's spot sits on a's first
-    np.testing.assert_allclose(neighbour_mean(values, xy, slides, radius=10), values)
+    np.testing.assert_allclose(neighbour_mean(values, xy, slides, radius=0.4, pitches=pitches), values)
+
+
+def test_a_radius_in_pitches_is_the_same_ring_on_either_lattice():
+    """One ring at the competition's 25 px and at Visium's 47 px: the same neighbours."""
+    ring = np.array([[0.0, 0.0]] + [[np.cos(a), np.sin(a)] for a in np.arange(6) * np.pi / 3]
+                    + [[2 * np.cos(a), 2 * np.sin(a)] for a in np.arange(6) * np.pi / 3])
+    values = np.arange(13, dtype=float)[:, None]
+    for pitch in (25.0, 47.3):
+        got = neighbour_mean(values, ring * pitch, np.array(["s"] * 13), radius=1.2, pitches={"s": pitch})
+        assert got[0, 0] == pytest.approx(values[:7].mean())  # the spot and its first ring, not the second
 
 
 def test_pooling_over_positions_of_each_layout():
@@ -71,7 +82,8 @@ def test_neighbourhood_reaches_the_prediction_and_gets_gradients(train_set, neig
     base = predict(model, train_set, rows, ["identity"], device=CPU)
     shifted = train_set.spots.copy()
     first = shifted["slide"] == shifted["slide"].iloc[0]
-    shifted.loc[first, ["x", "y"]] *= 2  # spots twice as far apart: each its own neighbourhood
+    positions = shifted.loc[first, ["x", "y"]].to_numpy()  # the same lattice, other spots on it
+    shifted.loc[first, ["x", "y"]] = np.random.default_rng(0).permutation(positions)
     moved = replace(train_set, spots=shifted)
     moved.coords = train_set.coords  # keep the coordinate input: only the neighbourhood may change
     assert not np.allclose(predict(model, moved, rows, ["identity"], device=CPU), base)
@@ -91,7 +103,7 @@ def test_neighbourhood_uses_images_not_labels(train_set, neighbour_fit):
 
 
 def test_cached_training_uses_the_same_neighbourhood_and_predicts_alike(train_set, tmp_path):
-    params = fast_params("model.neighbour_radius=30", f"train.cache_dir={tmp_path}", "train.feature_cache=true")
+    params = fast_params("model.neighbour_radius=1.2", f"train.cache_dir={tmp_path}", "train.feature_cache=true")
     rows = np.arange(len(train_set.spots))
     result = fit(params, train_set, rows[::2], rows[1::2], show_progress=False)
     assert result.cache is not None and np.isfinite(result.val_scores).all()
@@ -135,7 +147,7 @@ def test_delivered_fold_models_with_own_backbones_and_neighbours_predict_from_th
         tiny_patches, train_set, tmp_path):
     from src.engine.final_model import final_model
 
-    params = fast_params("model.neighbour_radius=30", "pretrain.epochs=1", f"train.cache_dir={tmp_path}/cache",
+    params = fast_params("model.neighbour_radius=1.2", "pretrain.epochs=1", f"train.cache_dir={tmp_path}/cache",
                          "train.final=ensemble")
     model, _ = final_model(params, train_set, log=lambda _: None)
     assert isinstance(model, Ensemble) and len(model.describers) == len(model.members) == 2  # own backbones
@@ -167,6 +179,6 @@ def test_checkpoint_from_before_neighbour_aggregation_loads(train_set, tmp_path)
 
 
 def test_a_neighbourhood_needs_frozen_blocks():
-    model_cfg = replace(fast_params().model, neighbour_radius=30.0, unfrozen_blocks=5)  # resnet10t: all 5 blocks
-    with pytest.raises(InputError, match="model.neighbour_radius = 30 .* trains all 5 .* resnet10t"):
+    model_cfg = replace(fast_params().model, neighbour_radius=1.2, unfrozen_blocks=5)  # resnet10t: all 5 blocks
+    with pytest.raises(InputError, match="model.neighbour_radius = 1.2 .* trains all 5 .* resnet10t"):
         SpatialCellModel(model_cfg, n_outputs=35)

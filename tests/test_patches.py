@@ -44,7 +44,7 @@ def normalized(tiny_dataset, tmp_path_factory):
 
 def test_patch_stage_writes_memmappable_slides_crops_and_spot_tables(normalized, tmp_path):
     out = tmp_path / "patches"
-    extract_patches(normalized / SLIDES_FILE, out, PatchesConfig(size=16, registration="auto", max_shift_px=100, offsets={"S_2": [2, -1]}),
+    extract_patches(normalized / SLIDES_FILE, out, PatchesConfig(size=16, registration="auto", max_shift=4.0, offsets={"S_2": [2, -1]}),
                     log=lambda _: None)
     train = load_patch_set(out, "train").images
     spots = pd.read_csv(out / "train_spots.csv")

@@ -23,7 +23,8 @@ def test_each_fold_trains_its_backbone_on_its_own_training_spots_once(tmp_path, 
     params = _params(tmp_path)
     first = cross_validate(params, train_set, show_progress=False, keep_models=True)
     saved = sorted((tmp_path / "cache" / "backbones").glob("*.pt"))
-    folds = make_folds(train_set.xy(), train_set.slides, params.cv, train_set.patch_size)
+    folds = make_folds(train_set.xy(), train_set.slides, params.cv, train_set.patch_size, train_set.pitches(),
+                       train_set.um_per_px)
     assert len(saved) == len(folds) == 2
     # a fold's weights are found again from its training rows alone: they are keyed by (and trained on) them
     assert sorted(fold_backbone(params, train_set, f.train, log=lambda _: None) for f in folds) == saved
@@ -58,8 +59,8 @@ def test_what_a_trial_searches_does_not_reach_the_backbone_training(tmp_path, ti
     base = _key(_params(tmp_path), train_set, rows)
     searched = ("train.weight_decay=0.01", "train.lr_head=0.01", "train.lr_backbone=0.0003", "train.epochs=4",
                 "loss.alpha=0.2", "loss.regularization=0.5", "loss.target_transform=rank", "model.fusion=film",
-                "model.dropout=0.4", "model.context=0.5", "model.unfrozen_blocks=0", "model.neighbour_radius=30",
-                "model.coord_dim=8", "infer.smoothing_sigma=25")
+                "model.dropout=0.4", "model.context=0.5", "model.unfrozen_blocks=0", "model.neighbour_radius=1.2",
+                "model.coord_dim=8", "infer.smoothing_sigma=1.0")
     assert _key(_params(tmp_path, *searched), train_set, rows) == base
     for changed in ("pretrain.epochs=2", "pretrain.lr=0.01", "model.input_size=48", "model.backbone=resnet18"):
         assert _key(_params(tmp_path, changed), train_set, rows) != base, changed

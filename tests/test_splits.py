@@ -4,7 +4,7 @@ from pydantic import ValidationError
 
 from src.core.errors import InputError
 from src.core.sections import CVConfig
-from src.data.spatial import SPOT_RADIUS, balanced_blocks
+from src.data.spatial import COMPETITION_UM_PER_PX, SPOT_RADIUS, balanced_blocks, slide_pitches
 from src.engine.folds import make_folds
 
 
@@ -14,7 +14,7 @@ def _lattice(n_side=30, pitch=25.0):
 
 
 def _cfg(**changes):
-    base = dict(scheme="blocks", n_folds=3, blocks_per_fold=1, buffer_px=0.0, seed=0)
+    base = dict(scheme="blocks", n_folds=3, blocks_per_fold=1, buffer=0.0, seed=0)
     return CVConfig(**{**base, **changes})
 
 
@@ -29,13 +29,18 @@ def test_blocks_are_balanced_and_contiguous():
         assert (labels[inside] == k).all()
 
 
-@pytest.mark.parametrize("patch_size, buffer_px", [(64, 0.0), (128, 10.0)])
-def test_no_validation_spot_lies_within_a_patch_of_a_kept_training_spot(patch_size, buffer_px):
+def _folds(xy, slides, cfg, patch_size):
+    return make_folds(xy, slides, cfg, patch_size, slide_pitches(xy, slides, COMPETITION_UM_PER_PX),
+                      COMPETITION_UM_PER_PX)
+
+
+@pytest.mark.parametrize("patch_size, buffer", [(64, 0.0), (128, 0.4)])
+def test_no_validation_spot_lies_within_a_patch_of_a_kept_training_spot(patch_size, buffer):
     xy = np.concatenate([_lattice(), _lattice(20)])
     slides = np.array(["S_1"] * 900 + ["S_2"] * 400)
-    folds = make_folds(xy, slides, _cfg(buffer_px=buffer_px), patch_size)
+    folds = _folds(xy, slides, _cfg(buffer=buffer), patch_size)
     assert len(folds) == 3
-    reach = patch_size / 2 + SPOT_RADIUS + buffer_px
+    reach = patch_size / 2 + SPOT_RADIUS + buffer * 25.0
     for fold in folds:
         assert fold.dropped > 0 and len(np.intersect1d(fold.train, fold.val)) == 0
         for slide in ("S_1", "S_2"):
@@ -51,20 +56,20 @@ def test_no_validation_spot_lies_within_a_patch_of_a_kept_training_spot(patch_si
 
 def test_larger_buffer_drops_more_and_blocks_per_fold_change_the_folds():
     xy, slides = _lattice(), np.array(["S_1"] * 900)
-    small = make_folds(xy, slides, _cfg(), 64)
-    large = make_folds(xy, slides, _cfg(buffer_px=50.0), 64)
+    small = _folds(xy, slides, _cfg(), 64)
+    large = _folds(xy, slides, _cfg(buffer=2.0), 64)
     assert sum(f.dropped for f in large) > sum(f.dropped for f in small)
-    finer = make_folds(xy, slides, _cfg(blocks_per_fold=3), 64)
+    finer = _folds(xy, slides, _cfg(blocks_per_fold=3), 64)
     assert not np.array_equal(finer[0].val, small[0].val)
 
 
 def test_leave_one_slide_out_needs_no_buffer():
     xy = np.concatenate([_lattice(10), _lattice(10)])
     slides = np.array(["S_1"] * 100 + ["S_2"] * 100)
-    folds = make_folds(xy, slides, _cfg(scheme="leave_one_slide_out"), 64)
+    folds = _folds(xy, slides, _cfg(scheme="leave_one_slide_out"), 64)
     assert [set(slides[f.val]) for f in folds] == [{"S_1"}, {"S_2"}]
     assert all(f.dropped == 0 and len(f.train) == 100 for f in folds)
     with pytest.raises(InputError, match="at least 2 training slides"):
-        make_folds(xy[:100], slides[:100], _cfg(scheme="leave_one_slide_out"), 64)
+        _folds(xy[:100], slides[:100], _cfg(scheme="leave_one_slide_out"), 64)
     with pytest.raises(ValidationError, match="'blocks' or 'leave_one_slide_out'"):
         _cfg(scheme="random")  # a section refuses it when it is made

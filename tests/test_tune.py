@@ -80,10 +80,10 @@ def test_suggest_builds_typed_configs_and_fixed_trial_rebuilds_them():
     space = parse_space(raw["tune"]["space"])
     values = {"loss.alpha": 0.3, "model.unfrozen_blocks": 2, "train.lr_head": 0.002, "train.lr_backbone": 1e-4,
               "model.fusion": "film", "train.weight_decay": 1e-3, "model.context": 0.5, "train.epochs": 2,
-              "model.dropout": 0.1, "loss.target_transform": "rank", "model.neighbour_radius": 30}
+              "model.dropout": 0.1, "loss.target_transform": "rank", "model.neighbour_radius": 1.2}
     params = suggest(FixedTrial(values), space, raw)
     assert params.loss.alpha == 0.3 and params.model.unfrozen_blocks == 2 and params.model.fusion == "film"
-    assert params.model.neighbour_radius == 30
+    assert params.model.neighbour_radius == 1.2
     assert params.loss.target_transform == "rank" and params.model.context == 0.5 and params.train.epochs == 2
     assert params.model.backbone == "resnet10t"  # unsearched values come from params.yaml
     # loss.log_epsilon acts only on log targets: a rank trial has none (FixedTrial would raise otherwise)
@@ -216,7 +216,7 @@ def test_study_name_changes_with_what_a_trial_computes_and_only_that(train_set):
                 "data.truth=''", "data.h5=elsewhere.h5", "stain.method=macenko", "patches.size=128")
     assert a == name(*run_only)  # upstream params act through the patch store's content
     for recipe in ("tune.space.loss.alpha.high=0.9", "tune.sampler_seed=5", "train.epochs=3", "loss.alpha=0.5",
-                   "infer.smoothing_sigma=10.0", "cv.n_folds=3", "model.fusion=gated"):
+                   "infer.smoothing_sigma=0.4", "cv.n_folds=3", "model.fusion=gated"):
         assert a != name(recipe), recipe
     relabelled = replace(train_set, spots=train_set.spots.assign(C1=train_set.spots["C1"] * 2))
     repixelled = replace(train_set, images=np.ascontiguousarray(train_set.images[::-1]))
@@ -422,7 +422,7 @@ def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_s
     from src.search.selection import select
     from src.search.storage import create_storage
 
-    raw = base_raw("tune.pruner=none", "tune.sigma_grid=[0.0, 25.0, 50.0]")
+    raw = base_raw("tune.pruner=none", "tune.sigma_grid=[0.0, 1.0, 2.0]")
     study = _study(tmp_path, raw, 2, train_set)
     out = StageOutputs(tmp_path / "best.yaml", tmp_path / "tune.json", tmp_path / "cv.csv", tmp_path / "h.csv",
                        tmp_path / "ensemble.yaml")
@@ -430,7 +430,7 @@ def test_the_delivered_ensemble_is_the_best_trials_fold_models(tmp_path, train_s
                        raw, rounds=0)
     write_outputs(study, train_set.targets, out, selection)
     record = yaml.safe_load(out.best_params.read_text())
-    assert record["smoothing_sigma"] == study.best_trial.user_attrs["smoothing_sigma"] in (0.0, 25.0, 50.0)
+    assert record["smoothing_sigma"] == study.best_trial.user_attrs["smoothing_sigma"] in (0.0, 1.0, 2.0)
     params = params_for_best(out.best_params, raw)
     assert params.infer.smoothing_sigma == record["smoothing_sigma"]
     lines = []

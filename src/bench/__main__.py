@@ -1,6 +1,6 @@
 """Benchmarks that print figures: ``python -m src.bench stain``, ``trial``, ``study``, ``data``, ``search``,
-``capacity`` and ``scale`` (each described in its module: ``src.bench.stain``, ``trial``, ``study``,
-``data``, ``search``, ``capacity``, ``scale``).
+``capacity``, ``scale`` and ``import`` (each described in its module: ``src.bench.stain``, ``trial``,
+``study``, ``data``, ``search``, ``capacity``, ``scale``, ``wsi_import``).
 """
 from __future__ import annotations
 
@@ -64,8 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     scale.add_argument("--work", type=Path, default=Path("cache/bench-scale"), help="work folder (one per scale)")
     scale.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override params for every scale, e.g. train.epochs=1 (repeatable)")
+    wsi = sub.add_parser("import", help="time and peak memory of importing scanner slides of growing size")
+    wsi.add_argument("--edges", nargs="+", type=int, default=[10000, 20000, 40000],
+                     help="slide edges in px at 0.25 um/px (default 10000 20000 40000)")
+    wsi.add_argument("--work", type=Path, default=Path("cache/bench-import"), help="work folder")
     args = parser.parse_args(argv)
-    if args.what == "scale":
+    if args.what == "import":
+        from src.bench.wsi_import import report, run
+
+        report(run(sorted(args.edges), args.work))
+    elif args.what == "scale":
         from src.bench.scale import bench_scale, print_scale
 
         scales = [tuple(int(v) for v in text.split("x")) for text in args.scales]

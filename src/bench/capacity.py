@@ -52,7 +52,7 @@ def bench_capacity(patches: Path, fold: int, overrides: list[str], cache_dir: st
         fitted = fit(params, patch_set, train, show_progress=False)
         pred = predict(fitted.model, patch_set, val, params.infer.tta, params.infer.batch_size, cache=fitted.cache)
         rows.append({"recipe": name, "held_out": held_out, "val": competition_score(pred, patch_set.abundance[val]),
-                     "val_sigma25": competition_score(smooth(pred, patch_set.xy()[val], slides[val], 25.0),
+                     "val_sigma25": competition_score(smooth(pred, patch_set.xy()[val], slides[val], 1.0, patch_set.pitches()),
                                                       patch_set.abundance[val]),
                      "seconds": time.perf_counter() - start})
         print(f"{name}: val {rows[-1]['val']:.4f} (sigma 25: {rows[-1]['val_sigma25']:.4f}), "

@@ -66,7 +66,7 @@ class SimulateConfig:
     size: Annotated[Int, Field(ge=64)]
     """Slide edge in pixels (real slides are about 2000)."""
     pitch: Annotated[Float, Field(gt=0)]
-    """Hexagonal spot pitch in pixels (the competition's: about 25)."""
+    """Hexagonal spot pitch in the simulator's pixels of 2.115 µm (the competition's: 25; Visium's 100 µm: 47.3)."""
     n_types: Annotated[Int, Field(ge=2)]
     """Number of cell types (the competition has 35)."""
     tissue_extent: Annotated[list[Annotated[Float, Field(gt=0)]], Field(min_length=2, max_length=2)]
@@ -108,8 +108,8 @@ class PatchesConfig:
     """Patch edge in pixels, centred on the spot (competition scale: 224-400)."""
     registration: RegistrationMode
     """auto: estimate each training slide's misregistration (dx, dy); none: trust x, y."""
-    max_shift_px: Annotated[Int, Field(ge=0)]
-    """The estimate searches shifts up to this many px per axis."""
+    max_shift: Annotated[Float, Field(ge=0)]
+    """The estimate searches shifts up to this many spot pitches per axis (the slide's own pitch)."""
     offsets: Annotated[dict[str, Pair], BeforeValidator(_empty_mapping)] = field(default_factory=dict)
     """Slide -> hand-set [dx, dy] added to its spots' x, y; overrides the estimate for that slide."""
 
@@ -137,7 +137,7 @@ class ModelConfig:
     dropout: Annotated[Float, Field(ge=0, le=0.95)]
     """Dropout in the head and the coordinate encoder."""
     neighbour_radius: Annotated[Float, Field(ge=0)]
-    """Px: a spot also sees the mean frozen descriptor of its slide's spots within it; 0 = off."""
+    """Spot pitches: a spot also sees the mean frozen descriptor of its slide's spots within it; 0 = off."""
 
 
 @section
@@ -203,8 +203,8 @@ class CVConfig:
     """Folds of the blocks scheme."""
     blocks_per_fold: Annotated[Int, Field(ge=1)]
     """Blocks each slide contributes to each fold."""
-    buffer_px: Annotated[Float, Field(ge=0)]
-    """Extra margin beyond "a training patch reaches a validation spot"."""
+    buffer: Annotated[Float, Field(ge=0)]
+    """Extra margin, in spot pitches, beyond "a training patch reaches a validation spot"."""
     seed: Int
     """Assignment of blocks to folds."""
 
@@ -229,7 +229,7 @@ class InferConfig:
     tta: Annotated[list[Dihedral], Field(min_length=1)]
     """Dihedral transforms averaged at inference."""
     smoothing_sigma: Annotated[Float, Field(ge=0)]
-    """Gaussian smoothing over neighbouring spots, px; 0 = off."""
+    """Gaussian smoothing over neighbouring spots, in spot pitches; 0 = off."""
     smoothing_truncate: Annotated[Float, Field(gt=0)]
     """Neighbours within truncate * sigma count."""
     batch_size: Annotated[Int, Field(ge=1)]
@@ -251,7 +251,7 @@ class TuneConfig:
     pruner_startup_trials: Annotated[Int, Field(ge=0)]
     """Complete trials before the pruner may prune."""
     sigma_grid: Annotated[list[Annotated[Float, Field(ge=0)]], Field(min_length=1)]
-    """Smoothing sigmas (px) each trial's out-of-fold predictions are scored with; the best is kept."""
+    """Smoothing sigmas (spot pitches) each trial's out-of-fold predictions are scored with; the best is kept."""
     warm_start: Annotated[Int, Field(ge=0)]
     """A new study first runs this many best recipes of earlier studies of its data; 0 = off."""
     timeout_s: Annotated[Float, Field(ge=0)]

@@ -13,7 +13,7 @@ import h5py
 from src.core.errors import InputError
 from src.core.files import atomic_path
 from src.core.sections import StainConfig
-from src.data.slides import SlideRef, image_chunks, open_h5, read_image_uint8, slide_refs
+from src.data.slides import SlideRef, image_chunks, open_h5, read_image_uint8, read_um_per_px, slide_refs
 from src.data.stain import StainNormalizer
 from src.data.truth import check_truth_file
 from src.data.validation import validate_file
@@ -54,6 +54,7 @@ def normalize_file(src: Path, out_dir: Path, cfg: StainConfig, truth: Path | Non
         reference = reference_slide(refs, cfg.reference, src)
         normalizer = fit_normalizer(h5, reference, cfg)
         with h5py.File(tmp / SLIDES_FILE, "w") as out:
+            out.attrs["um_per_px"] = read_um_per_px(h5)
             for ref in refs:
                 image = normalizer.transform(read_image_uint8(h5, ref))
                 out.create_dataset(ref.image_key, data=image, chunks=image_chunks(image.shape))

@@ -24,9 +24,11 @@ from src.data.slides import (
     read_fullres,
     read_image_uint8,
     read_spots,
+    read_um_per_px,
     slide_refs,
     target_names,
 )
+from src.data.spatial import SPOT_PITCH_UM, lattice_pitch
 from src.data.stain import StainNormalizer
 from src.data.validation import validate_file
 
@@ -41,8 +43,14 @@ def check_offsets(cfg: PatchesConfig, refs: list[SlideRef]) -> None:
             raise InputError(f"params: patches.offsets.{slide}: no such slide ({', '.join(sorted(names))})")
 
 
+def _pitch(table: pd.DataFrame, um_per_px: float) -> float:
+    """The slide's spot pitch in its pixels (Visium's where it has a single spot)."""
+    pitch = lattice_pitch(table["x"].to_numpy(np.float64), table["y"].to_numpy(np.float64))
+    return pitch if np.isfinite(pitch) else SPOT_PITCH_UM / um_per_px
+
+
 def register_slide(image: np.ndarray, ref: SlideRef, table: pd.DataFrame, targets: list[str],
-                   cfg: PatchesConfig) -> Registration:
+                   cfg: PatchesConfig, um_per_px: float) -> Registration:
     """The offset of one slide: hand-set, estimated (training slides), or none."""
     if ref.name in cfg.offsets:
         return Registration(tuple(int(v) for v in cfg.offsets[ref.name]), "set")
@@ -50,8 +58,9 @@ def register_slide(image: np.ndarray, ref: SlideRef, table: pd.DataFrame, target
         return Registration((0, 0), "none")
     if len(table) < MIN_SPOTS:
         return Registration((0, 0), f"not estimated: {len(table)} spots, fewer than {MIN_SPOTS}")
+    max_shift = round(cfg.max_shift * _pitch(table, um_per_px))  # px of this slide
     return estimate_offset(image, table["x"].to_numpy(), table["y"].to_numpy(),
-                           table[targets].to_numpy(np.float64), cfg.max_shift_px)
+                           table[targets].to_numpy(np.float64), max_shift)
 
 
 def describe(ref: SlideRef, reg: Registration, off_tissue: int, off_before: int, n_spots: int) -> str:
@@ -73,7 +82,8 @@ def extract_patches(normalized: Path, out_dir: Path, cfg: PatchesConfig, log=pri
         tmp.mkdir()
         refs = slide_refs(h5)
         check_offsets(cfg, refs)
-        meta = {"size": cfg.size, "offsets": {}, "registration": {}, "targets": [], "slides": {}, "crops": {}}
+        um_per_px = read_um_per_px(h5)
+        meta = {"size": cfg.size, "um_per_px": um_per_px, "offsets": {}, "registration": {}, "targets": [], "slides": {}, "crops": {}}
         for split in ("Train", "Test"):
             split_refs = [r for r in refs if r.split == split]
             tables = [read_spots(h5, r) for r in split_refs]
@@ -86,7 +96,7 @@ def extract_patches(normalized: Path, out_dir: Path, cfg: PatchesConfig, log=pri
             rows, crops = [], []
             for number, (ref, table) in enumerate(zip(split_refs, tables)):
                 image = read_image_uint8(h5, ref)
-                reg = register_slide(image, ref, table, meta["targets"], cfg)
+                reg = register_slide(image, ref, table, meta["targets"], cfg, um_per_px)
                 x, y = table["x"].to_numpy(), table["y"].to_numpy()
                 slide, pad = padded_slide(image, cfg.size, reg.offset)
                 np.save(slide_file(tmp, name, ref.name), slide)
@@ -98,8 +108,8 @@ def extract_patches(normalized: Path, out_dir: Path, cfg: PatchesConfig, log=pri
                 rows.append(table.assign(slide=ref.name, spot=np.arange(len(table))))
                 meta["offsets"][ref.name] = list(reg.offset)
                 meta["registration"][ref.name] = _registration_record(reg, off_tissue, off_before)
-                meta["slides"][ref.name] = {"split": split, "height": image.shape[0],
-                                            "width": image.shape[1], "n_spots": len(table)}
+                meta["slides"][ref.name] = {"split": split, "height": image.shape[0], "width": image.shape[1],
+                                            "n_spots": len(table), "pitch": _pitch(table, um_per_px)}
                 log(describe(ref, reg, len(off_tissue), off_before, len(table)))
             np.save(crops_file(tmp, name), np.concatenate(crops))
             meta["crops"][name] = [r.name for r in split_refs]
@@ -127,6 +137,7 @@ def crop_test_slides(h5_path: Path, normalizer: StainNormalizer, patch_size: int
     validate_file(h5_path, need_train=False)
     slides, tables, sizes = [], [], {}
     with open_h5(h5_path) as h5:
+        um_per_px = read_um_per_px(h5)
         refs = [r for r in slide_refs(h5) if r.split == "Test"]
         if not refs:
             raise InputError(f"{h5_path}: no Test slides under images/Test to predict")
@@ -144,4 +155,4 @@ def crop_test_slides(h5_path: Path, normalizer: StainNormalizer, patch_size: int
             sizes[ref.name] = image.shape[:2]
             log(f"normalized {len(spots)} spots of Test/{ref.name}")
     return PatchSet(SlideCrops.from_slides(slides, patch_size), pd.concat(tables, ignore_index=True),
-                    list(targets), sizes, patch_size)
+                    list(targets), sizes, patch_size, um_per_px)

@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 
 from src.core.errors import InputError
 from src.data.patch_store import META_FILE, SlideCrops, crops_file, slide_file, spots_file
+from src.data.spatial import COMPETITION_UM_PER_PX, slide_pitches
 
 
 @dataclass
@@ -26,31 +27,32 @@ class PatchSet:
     targets: list[str]  # cell-type columns
     slide_sizes: dict[str, tuple[int, int]]  # slide -> (height, width)
     patch_size: int
-    _digests: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    um_per_px: float = COMPETITION_UM_PER_PX  # the slides' resolution
+    _cache: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def images_digest(self) -> str:
         """Content hash of the patch pixels (computed once per PatchSet: ~1 s per GB stored)."""
-        if "images" not in self._digests and isinstance(self.images, SlideCrops):
-            self._digests["images"] = self.images.digest()
-        if "images" not in self._digests:
+        if "images" not in self._cache and isinstance(self.images, SlideCrops):
+            self._cache["images"] = self.images.digest()
+        if "images" not in self._cache:
             h = hashlib.blake2b(digest_size=16)
             for start in range(0, len(self.images), 512):
                 h.update(np.ascontiguousarray(self.images[start : start + 512]).tobytes())
             h.update(str(self.images.shape).encode())
-            self._digests["images"] = h.hexdigest()
-        return self._digests["images"]
+            self._cache["images"] = h.hexdigest()
+        return self._cache["images"]
 
     def digest(self) -> str:
         """Content hash of everything a trial reads: pixels, spot table (labels included), cell types,
         slide sizes and patch size. Equal digests, equal data."""
-        if "all" not in self._digests:
+        if "all" not in self._cache:
             h = hashlib.blake2b(digest_size=16)
             h.update(self.images_digest().encode())
             h.update(json.dumps([list(map(str, self.spots.columns)), self.targets,
                                  sorted((k, list(v)) for k, v in self.slide_sizes.items()), self.patch_size]).encode())
             h.update(pd.util.hash_pandas_object(self.spots, index=True).to_numpy().tobytes())
-            self._digests["all"] = h.hexdigest()
-        return self._digests["all"]
+            self._cache["all"] = h.hexdigest()
+        return self._cache["all"]
 
     @property
     def abundance(self) -> np.ndarray:
@@ -69,6 +71,12 @@ class PatchSet:
 
     def xy(self) -> np.ndarray:
         return self.spots[["x", "y"]].to_numpy(np.float64)
+
+    def pitches(self) -> dict[str, float]:
+        """Each slide's spot pitch in its pixels, measured on its lattice (``src.data.spatial``)."""
+        if "pitches" not in self._cache:
+            self._cache["pitches"] = slide_pitches(self.xy(), self.slides, self.um_per_px)
+        return self._cache["pitches"]
 
     def slide_image(self, name: str) -> np.ndarray | None:
         """The pixels of slide ``name`` as the patches were cut from it (H x W x 3 uint8, a view), or None
@@ -112,7 +120,8 @@ def load_patch_set(folder: str | Path, split: str = "train") -> PatchSet:
         raise InputError(f"{crops_file(folder, split)}: {len(images)} patches but {len(spots)} rows in "
                          f"{spots_file(folder, split)}")
     sizes = {name: (s["height"], s["width"]) for name, s in meta["slides"].items()}
-    return PatchSet(images, spots, list(meta["targets"]), sizes, int(meta["size"]))
+    return PatchSet(images, spots, list(meta["targets"]), sizes, int(meta["size"]),
+                    float(meta.get("um_per_px", COMPETITION_UM_PER_PX)))
 
 
 class SpotDataset(Dataset):

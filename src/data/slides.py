@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from src.core.errors import InputError
+from src.data.spatial import COMPETITION_UM_PER_PX
 
 SPLITS = ("Train", "Test")
 COORDS = ("x", "y")
@@ -91,6 +92,14 @@ def read_barcodes(h5: h5py.File, ref: SlideRef) -> np.ndarray | None:
     """The spots' barcodes (imported Visium slides), or None."""
     key = f"barcodes/{ref.split}/{ref.name}"
     return h5[key].asstr()[()] if key in h5 else None
+
+
+def read_um_per_px(h5: h5py.File) -> float:
+    """The file's resolution: its ``um_per_px`` attribute, or the competition's 2.115 µm/px."""
+    value = float(h5.attrs.get("um_per_px", COMPETITION_UM_PER_PX))
+    if not np.isfinite(value) or value <= 0:
+        raise InputError(f"{h5.filename}: attribute um_per_px = {value:g} (expected a positive number)")
+    return value
 
 
 def read_fullres(h5: h5py.File, ref: SlideRef) -> tuple[np.ndarray, dict] | None:

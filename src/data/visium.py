@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from src.core.errors import InputError
+from src.data.spatial import SPOT_DIAMETER_UM, lattice_pitch
 
-SPOT_DIAMETER_UM = 55.0  # a Visium spot
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 CELL2LOCATION_KEYS = ("q05_cell_abundance_w_sf", "means_cell_abundance_w_sf")
 PITCH_PER_DIAMETER = (0.8, 3.0)  # nearest spot centres, in spot diameters (Visium: 100 / 55 = 1.8)
@@ -32,16 +32,27 @@ class SpotTable:
     x: np.ndarray  # float, full-resolution column
     y: np.ndarray  # float, full-resolution row
     all_barcodes: np.ndarray  # every spot the source lists, in and out of tissue
-    spot_diameter_fullres: float
+    spot_diameter_fullres: float | None  # Space Ranger's estimate; None where the scalefactors lack it
     scalefactors: dict
+    hires_size: tuple[int, int] | None = None  # (width, height) of the hires image the source holds
+    pitch: float = float("nan")  # median distance between neighbouring spot centres, full-resolution px
 
     @property
     def n_listed(self) -> int:
         return len(self.all_barcodes)
 
     @property
-    def um_per_px(self) -> float:
-        return SPOT_DIAMETER_UM / self.spot_diameter_fullres
+    def um_per_px(self) -> float | None:
+        """The full-resolution pixel size Space Ranger's spot diameter implies (a 55 µm spot)."""
+        return SPOT_DIAMETER_UM / self.spot_diameter_fullres if self.spot_diameter_fullres else None
+
+    @property
+    def fullres_size_from_hires(self) -> tuple[float, float] | None:
+        """The full-resolution image's (width, height) that the hires image and its scale factor imply."""
+        scale = self.scalefactors.get("tissue_hires_scalef")
+        if self.hires_size is None or not isinstance(scale, float) or not scale > 0:
+            return None
+        return self.hires_size[0] / scale, self.hires_size[1] / scale
 
 
 def read_spaceranger(folder: Path) -> SpotTable:
@@ -71,7 +82,21 @@ def read_spaceranger(folder: Path) -> SpotTable:
     listed = table["barcode"].astype(str).to_numpy()
     table = table[table["in_tissue"] == 1]
     return _spot_table(where, table["barcode"].astype(str).to_numpy(), table["pxl_col_in_fullres"].to_numpy(),
-                       table["pxl_row_in_fullres"].to_numpy(), listed, scalefactors)
+                       table["pxl_row_in_fullres"].to_numpy(), listed, scalefactors,
+                       _png_size(spatial / "tissue_hires_image.png"))
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from the image's header (nothing decoded); None when there is no such image."""
+    from PIL import Image
+
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as err:
+        raise InputError(f"{path}: not a readable image ({err})") from None
 
 
 def _spatial_folder(folder: Path) -> Path:
@@ -94,17 +119,19 @@ def read_scalefactors(path: Path) -> dict:
 
 
 def _checked_scalefactors(where, factors) -> dict:
-    if not isinstance(factors, dict) or "spot_diameter_fullres" not in factors:
-        raise InputError(f"{where}: scalefactors have no spot_diameter_fullres")
-    value = factors["spot_diameter_fullres"]
-    if not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
-        raise InputError(f"{where}: scalefactors spot_diameter_fullres = {value!r} (expected a positive number)")
+    if not isinstance(factors, dict):
+        raise InputError(f"{where}: scalefactors are not a mapping of names to numbers")
+    for key in ("spot_diameter_fullres", "tissue_hires_scalef", "tissue_lowres_scalef"):
+        value = factors.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not np.isfinite(value) or value <= 0):
+            raise InputError(f"{where}: scalefactors {key} = {value!r} (expected a positive number)")
     return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in factors.items()}
 
 
 def read_h5ad_spots(path: Path, library_id: str = "") -> SpotTable:
     """Spots of an AnnData file: ``obsm["spatial"]`` (full-resolution x, y), ``obs["in_tissue"]`` when
-    present, and ``uns["spatial"][library_id]["scalefactors"]``."""
+    present, and ``uns["spatial"][library_id]`` (scalefactors, hires image) when present."""
     adata = read_h5ad(path)
     if "spatial" not in adata.obsm:
         raise InputError(f"{path}: no obsm['spatial'] (the spots' full-resolution pixel coordinates)")
@@ -112,26 +139,29 @@ def read_h5ad_spots(path: Path, library_id: str = "") -> SpotTable:
     if coords.ndim != 2 or coords.shape[1] < 2:
         raise InputError(f"{path}: obsm['spatial'] has shape {coords.shape} (expected spots x 2)")
     libraries = adata.uns.get("spatial", {})
-    if not isinstance(libraries, dict) or not libraries:
-        raise InputError(f"{path}: no uns['spatial'][library_id]['scalefactors'] (the slide's pixel size)")
-    if not library_id:
-        if len(libraries) > 1:
-            raise InputError(f"{path}: uns['spatial'] holds libraries {', '.join(libraries)}; name one as library_id")
-        library_id = next(iter(libraries))
-    if library_id not in libraries:
-        raise InputError(f"{path}: uns['spatial'] has no library '{library_id}' ({', '.join(libraries)})")
-    factors = libraries[library_id].get("scalefactors") if isinstance(libraries[library_id], dict) else None
-    if factors is None:
-        raise InputError(f"{path}: uns['spatial']['{library_id}'] has no scalefactors")
-    factors = _checked_scalefactors(f"{path}: uns['spatial']['{library_id}']", dict(factors))
+    factors, images = {}, {}  # without uns["spatial"], the pixel size comes from the image or the manifest
+    if isinstance(libraries, dict) and libraries:
+        if not library_id:
+            if len(libraries) > 1:
+                raise InputError(f"{path}: uns['spatial'] holds libraries {', '.join(libraries)}; name one as library_id")
+            library_id = next(iter(libraries))
+        if library_id not in libraries:
+            raise InputError(f"{path}: uns['spatial'] has no library '{library_id}' ({', '.join(libraries)})")
+        library = libraries[library_id] if isinstance(libraries[library_id], dict) else {}
+        factors = _checked_scalefactors(f"{path}: uns['spatial']['{library_id}']", dict(library.get("scalefactors") or {}))
+        images = library.get("images") or {}
+    elif library_id:
+        raise InputError(f"{path}: no uns['spatial'] to find library '{library_id}' in")
     keep = np.ones(len(coords), bool)
     if "in_tissue" in adata.obs:
         keep = adata.obs["in_tissue"].to_numpy() == 1
     barcodes = adata.obs_names.to_numpy().astype(str)
-    return _spot_table(path, barcodes[keep], coords[keep, 0], coords[keep, 1], barcodes, factors)
+    hires = np.asarray(images["hires"]) if isinstance(images, dict) and "hires" in images else None
+    hires_size = (int(hires.shape[1]), int(hires.shape[0])) if hires is not None and hires.ndim >= 2 else None
+    return _spot_table(path, barcodes[keep], coords[keep, 0], coords[keep, 1], barcodes, factors, hires_size)
 
 
-def _spot_table(where, barcodes, x, y, listed, factors) -> SpotTable:
+def _spot_table(where, barcodes, x, y, listed, factors, hires_size=None) -> SpotTable:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(barcodes) == 0:
         raise InputError(f"{where}: no in-tissue spots")
@@ -140,7 +170,8 @@ def _spot_table(where, barcodes, x, y, listed, factors) -> SpotTable:
     duplicated = pd.Index(barcodes).duplicated()
     if duplicated.any():
         raise InputError(f"{where}: barcode {barcodes[np.argmax(duplicated)]} appears twice")
-    table = SpotTable(Path(where), barcodes, x, y, listed, factors["spot_diameter_fullres"], factors)
+    table = SpotTable(Path(where), barcodes, x, y, listed, factors.get("spot_diameter_fullres"), factors,
+                      hires_size, lattice_pitch(x, y))
     _check_pitch(where, table)
     return table
 
@@ -148,13 +179,9 @@ def _spot_table(where, barcodes, x, y, listed, factors) -> SpotTable:
 def _check_pitch(where, table: SpotTable) -> None:
     """The spot diameter must fit the spacing of the spots: a diameter given in the pixels of another
     image (hires, lowres) is the usual mistake, and would resample the slide by its scale factor."""
-    if len(table.x) < 3:
+    if len(table.x) < 3 or table.spot_diameter_fullres is None:
         return
-    from scipy.spatial import cKDTree
-
-    points = np.column_stack([table.x, table.y])
-    distance, _ = cKDTree(points).query(points, k=2)
-    pitch = float(np.median(distance[:, 1]))
+    pitch = table.pitch
     ratio = pitch / table.spot_diameter_fullres
     low, high = PITCH_PER_DIAMETER
     if not low <= ratio <= high:

@@ -1,9 +1,11 @@
 """Slides of a layout file written out as labs hold Visium data, to test the import on data the
 project makes itself: per slide a Space Ranger ``outs/spatial`` folder (``tissue_positions.csv`` with
-its header, or the headerless ``tissue_positions_list.csv`` of Space Ranger 1.x on every other slide),
-a full-resolution pyramidal TIFF ``fullres_scale`` times finer than the layout, an ``.h5ad`` carrying
-``obsm["spatial"]``, the scalefactors and cell2location-style abundances in ``obsm``, an abundance CSV,
-and one manifest per route for ``python -m src.ingest``.
+its header, or the headerless ``tissue_positions_list.csv`` of Space Ranger 1.x on every other slide;
+the scalefactors, ``tissue_hires_image.png`` and ``tissue_lowres_image.png``), a full-resolution scanner
+file ``fullres_scale`` times finer than the layout (training slides: pyramidal TIFFs with JPEG tiles and
+resolution tags; test slides: Aperio SVS), an ``.h5ad`` carrying ``obsm["spatial"]``, the scalefactors,
+the hires image and cell2location-style abundances in ``obsm``, an abundance CSV, and one manifest per
+route for ``python -m src.ingest``.
 
 Every slide also lists spots off the tissue (``in_tissue`` 0), and the training slides' abundance
 tables leave out a few in-tissue spots, as deconvolution results do when spots fail QC.
@@ -19,9 +21,11 @@ import pandas as pd
 from PIL import Image
 
 from src.data.slides import open_h5, read_image_uint8, read_spots, slide_refs, target_names
+from src.data.spatial import COMPETITION_SPOT_PX, COMPETITION_UM_PER_PX, lattice_pitch
 from src.data.visium import CELL2LOCATION_KEYS
+from src.data.wsi_write import write_image_pyramid
 
-COMPETITION_SPOT_PX = 26.0  # the layout's spot diameter, in its pixels
+LOWRES_PER_HIRES = 0.25  # tissue_lowres_image.png against the hires one
 OFF_TISSUE_SPOTS = 40  # listed per slide with in_tissue = 0
 MISSING_ABUNDANCE = 0.02  # share of a training slide's in-tissue spots without abundances
 CELL_TYPES = [
@@ -55,8 +59,12 @@ def export_visium(h5_path: Path, truth_path: Path, out: Path, fullres_scale: int
             slide = f"{ref.split.lower()}_{ref.name}"
             folder = out / "spaceranger" / slide / "outs" / "spatial"
             folder.mkdir(parents=True, exist_ok=True)
-            image_path = out / "images" / f"{slide}_fullres.tif"
-            _write_pyramid(image_path, image, fullres_scale)
+            image_path = out / "images" / (f"{slide}.svs" if ref.split == "Test" else f"{slide}_fullres.tif")
+            full = Image.fromarray(image).resize((image.shape[1] * fullres_scale, image.shape[0] * fullres_scale),
+                                                 Image.Resampling.BICUBIC)
+            write_image_pyramid(image_path, np.asarray(full), COMPETITION_UM_PER_PX / fullres_scale)
+            del full
+            pitch = lattice_pitch(spots["x"].to_numpy(), spots["y"].to_numpy())
             n = len(spots)
             codes = np.array([barcode(1000 * number + i) for i in range(n + OFF_TISSUE_SPOTS)])
             fx = (spots["x"].to_numpy() + 0.5) * fullres_scale - 0.5
@@ -64,8 +72,10 @@ def export_visium(h5_path: Path, truth_path: Path, out: Path, fullres_scale: int
             off_x, off_y = _off_tissue(rng, image.shape, fullres_scale)
             positions = pd.DataFrame({
                 "barcode": codes, "in_tissue": np.r_[np.ones(n, int), np.zeros(OFF_TISSUE_SPOTS, int)],
-                "array_row": np.r_[spots["y"].to_numpy() // 25, off_y // (25 * fullres_scale)].astype(int),
-                "array_col": np.r_[spots["x"].to_numpy() // 25, off_x // (25 * fullres_scale)].astype(int),
+                "array_row": np.r_[spots["y"].to_numpy() / (pitch * 0.866), off_y / (pitch * 0.866 * fullres_scale)
+                                   ].round().astype(int),
+                "array_col": np.r_[spots["x"].to_numpy() / (pitch / 2), off_x / (pitch / 2 * fullres_scale)
+                                   ].round().astype(int),
                 "pxl_row_in_fullres": np.r_[fy, off_y].round().astype(int),
                 "pxl_col_in_fullres": np.r_[fx, off_x].round().astype(int)})
             if number % 2:
@@ -74,8 +84,13 @@ def export_visium(h5_path: Path, truth_path: Path, out: Path, fullres_scale: int
                 positions.to_csv(folder / "tissue_positions.csv", index=False)
             factors = {"spot_diameter_fullres": COMPETITION_SPOT_PX * fullres_scale,
                        "fiducial_diameter_fullres": COMPETITION_SPOT_PX * fullres_scale * 1.6,
-                       "tissue_hires_scalef": 1.0 / fullres_scale, "tissue_lowres_scalef": 0.25 / fullres_scale}
+                       "tissue_hires_scalef": 1.0 / fullres_scale,
+                       "tissue_lowres_scalef": LOWRES_PER_HIRES / fullres_scale}
             (folder / "scalefactors_json.json").write_text(json.dumps(factors, indent=2))
+            Image.fromarray(image).save(folder / "tissue_hires_image.png")
+            lowres = Image.fromarray(image)
+            lowres.thumbnail((round(image.shape[1] * LOWRES_PER_HIRES), round(image.shape[0] * LOWRES_PER_HIRES)))
+            lowres.save(folder / "tissue_lowres_image.png")
             table = pd.DataFrame(values, index=pd.Index(codes[:n], name="barcode"), columns=cell_types)
             if ref.split == "Train":
                 table = table.drop(index=table.index[rng.random(n) < MISSING_ABUNDANCE])
@@ -103,24 +118,6 @@ def _off_tissue(rng, shape, scale) -> tuple[np.ndarray, np.ndarray]:
     x = rng.uniform(0, width - 1, OFF_TISSUE_SPOTS)
     y = np.where(np.arange(OFF_TISSUE_SPOTS) % 2, 3.0, height - 4.0)
     return ((x + 0.5) * scale - 0.5).round(), ((y + 0.5) * scale - 0.5).round()
-
-
-def _write_pyramid(path: Path, image: np.ndarray, scale: int) -> None:
-    """Level 0 at ``scale`` x the layout's pixels (bicubic), then halved levels down to about the layout's."""
-    import tifffile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    height, width = image.shape[:2]
-    full = Image.fromarray(image).resize((width * scale, height * scale), Image.Resampling.BICUBIC)
-    levels = [np.asarray(full)]
-    while levels[-1].shape[0] // 2 >= height // 2 and len(levels) < 4:
-        previous = Image.fromarray(levels[-1])
-        levels.append(np.asarray(previous.resize((previous.width // 2, previous.height // 2), Image.Resampling.BOX)))
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        options = {"tile": (256, 256), "photometric": "rgb", "compression": "zlib"}
-        tif.write(levels[0], subifds=len(levels) - 1, **options)
-        for level in levels[1:]:
-            tif.write(level, subfiletype=1, **options)
 
 
 def _write_h5ad(path: Path, positions: pd.DataFrame, table: pd.DataFrame, factors: dict, image: np.ndarray,

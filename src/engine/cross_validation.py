@@ -47,7 +47,7 @@ def delivered_view(oof: np.ndarray, patch_set: PatchSet, loss: LossConfig, sigma
     """OOF predictions as delivered: smoothed with ``sigma`` in target space, then log abundances
     (``src.model.targets.log_abundance``, with the rank scale of all training spots: it sets magnitudes
     only, no order within a spot or across spots, so no score depends on it)."""
-    smoothed = smooth(oof, patch_set.xy(), patch_set.slides, sigma, truncate)
+    smoothed = smooth(oof, patch_set.xy(), patch_set.slides, sigma, patch_set.pitches(), truncate)
     return log_abundance(smoothed, loss.target_transform, loss.log_epsilon, rank_scale(patch_set.abundance))
 
 
@@ -105,7 +105,7 @@ def cross_validate(params: Params, patch_set: PatchSet, on_fold: FoldCallback | 
     if reuse is None and params.train.feature_cache:
         reuse = FeatureCaches(shared_path(params.train.cache_dir), device)
     abundance, xy, slides, coords = patch_set.abundance, patch_set.xy(), patch_set.slides, patch_set.coords()
-    folds = make_folds(xy, slides, params.cv, patch_set.patch_size)
+    folds = make_folds(xy, slides, params.cv, patch_set.patch_size, patch_set.pitches(), patch_set.um_per_px)
     oof = np.zeros_like(abundance)
     fold_of = np.full(len(abundance), -1)
     floor_preds = np.zeros_like(abundance)

@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 
 from src.core.errors import InputError
 from src.core.sections import CVConfig
-from src.data.spatial import SPOT_RADIUS, balanced_blocks
+from src.data.spatial import balanced_blocks, spot_radius_px
 
 
 @dataclass(frozen=True)
@@ -24,14 +24,15 @@ class Fold:
     dropped: int  # training spots removed by the buffer
 
 
-def buffer_radius(patch_size: int, buffer_px: float) -> float:
-    """Chebyshev distance below which a training patch reaches a validation spot."""
-    return patch_size / 2 + SPOT_RADIUS + buffer_px
+def buffer_radius(patch_size: int, buffer: float, pitch: float, um_per_px: float) -> float:
+    """Chebyshev distance (px) below which a training patch reaches a validation spot, plus ``buffer``
+    spot pitches."""
+    return patch_size / 2 + spot_radius_px(um_per_px) + buffer * pitch
 
 
 def drop_buffer(xy: np.ndarray, slides: np.ndarray, train: np.ndarray, val: np.ndarray,
-                radius: float) -> np.ndarray:
-    """Training rows whose square patch (half-width ``radius``) reaches no validation spot."""
+                radius: dict[str, float]) -> np.ndarray:
+    """Training rows whose square patch (half-width ``radius`` of their slide) reaches no validation spot."""
     keep = np.ones(len(train), dtype=bool)
     for slide in np.unique(slides[val]):
         val_xy = xy[val[slides[val] == slide]]
@@ -40,7 +41,7 @@ def drop_buffer(xy: np.ndarray, slides: np.ndarray, train: np.ndarray, val: np.n
             continue
         tree = cKDTree(val_xy)
         dist, _ = tree.query(xy[train[in_slide]], p=np.inf)  # Chebyshev: the patch is a square
-        keep[np.flatnonzero(in_slide)[dist < radius]] = False
+        keep[np.flatnonzero(in_slide)[dist < radius[str(slide)]]] = False
     return train[keep]
 
 
@@ -49,8 +50,10 @@ def fold_count(cfg: CVConfig, slides: np.ndarray) -> int:
     return len(set(slides)) if cfg.scheme == "leave_one_slide_out" else cfg.n_folds
 
 
-def make_folds(xy: np.ndarray, slides: np.ndarray, cfg: CVConfig, patch_size: int) -> list[Fold]:
-    """Folds over the training spots (``xy``: N x 2 pixel coordinates, ``slides``: N slide names)."""
+def make_folds(xy: np.ndarray, slides: np.ndarray, cfg: CVConfig, patch_size: int, pitches: dict[str, float],
+               um_per_px: float) -> list[Fold]:
+    """Folds over the training spots (``xy``: N x 2 pixel coordinates, ``slides``: N slide names,
+    ``pitches``: each slide's spot pitch in its pixels, at ``um_per_px``)."""
     slides = np.asarray(slides)
     names = list(dict.fromkeys(slides))  # file order
     if cfg.scheme == "leave_one_slide_out":
@@ -69,7 +72,7 @@ def make_folds(xy: np.ndarray, slides: np.ndarray, cfg: CVConfig, patch_size: in
             assignment = rng.permutation(np.arange(n_folds * cfg.blocks_per_fold) % n_folds)
             fold_of[rows] = assignment[blocks]
 
-    radius = buffer_radius(patch_size, cfg.buffer_px)
+    radius = {name: buffer_radius(patch_size, cfg.buffer, pitches[str(name)], um_per_px) for name in names}
     folds = []
     for k in range(n_folds):
         val = np.flatnonzero(fold_of == k)

@@ -91,5 +91,5 @@ def predict_smoothed(model: SpatialCellModel | Ensemble, patch_set: PatchSet, in
                      device: torch.device | None = None) -> np.ndarray:
     """Every spot of ``patch_set``: TTA predictions smoothed per slide, in target space (N x T)."""
     pred = predict(model, patch_set, np.arange(len(patch_set.spots)), infer.tta, infer.batch_size, device)
-    return smooth(pred, patch_set.xy(), patch_set.slides, infer.smoothing_sigma,
+    return smooth(pred, patch_set.xy(), patch_set.slides, infer.smoothing_sigma, patch_set.pitches(),
                   infer.smoothing_truncate)

@@ -1,8 +1,9 @@
 """Spatial smoothing of predictions over neighbouring spots of the same slide.
 
 A normalized Gaussian-kernel average: each spot's prediction becomes the weighted mean of the
-spots within ``truncate * sigma`` px (itself included), weights exp(-d^2 / 2 sigma^2) divided by their
-sum, so values do not shrink at tissue edges (the seed's grid filter did).
+spots within ``truncate * sigma`` (itself included), weights exp(-d^2 / 2 sigma^2) divided by their
+sum, so values do not shrink at tissue edges (the seed's grid filter did). ``smooth`` takes sigma in
+spot pitches and each slide's pitch in its pixels; ``smooth_slide`` works in pixels.
 """
 from __future__ import annotations
 
@@ -29,12 +30,13 @@ def smooth_slide(values: np.ndarray, xy: np.ndarray, sigma: float, truncate: flo
     return np.asarray(weights @ values)
 
 
-def smooth(values: np.ndarray, xy: np.ndarray, slides: np.ndarray, sigma: float,
+def smooth(values: np.ndarray, xy: np.ndarray, slides: np.ndarray, sigma: float, pitches: dict[str, float],
            truncate: float = 3.0) -> np.ndarray:
-    """Smooth each slide's spots separately (spots of different slides never mix)."""
+    """Smooth each slide's spots separately (spots of different slides never mix); ``sigma`` in spot
+    pitches, ``pitches`` each slide's pitch in its pixels."""
     out = np.empty_like(values, dtype=np.float64)
     slides = np.asarray(slides)
     for slide in np.unique(slides):
         rows = slides == slide
-        out[rows] = smooth_slide(values[rows], xy[rows], sigma, truncate)
+        out[rows] = smooth_slide(values[rows], xy[rows], sigma * pitches[str(slide)], truncate)
     return out

@@ -3,9 +3,10 @@
 A checkpoint holds one or several recipes, each with its weight in the delivered prediction. A recipe
 is the weights of one model or of an ensemble (the CV's fold models) with the model config, the
 target transform, the preprocessing the backbone was trained with and the inference settings (TTA,
-smoothing). Shared by all: the cell types, the patch size, the stain reference and the rank scale (the
-log abundance of each within-spot rank in the training data, which puts rank predictions on the
-abundance scale: ``src.model.targets.rank_scale``), plus where it
+smoothing; its spatial settings in spot pitches). Shared by all: the cell types, the patch size, the
+resolution (µm/px) and median spot pitch (px) of the training slides, the stain reference and the rank
+scale (the log abundance of each within-spot rank in the training data, which puts rank predictions on
+the abundance scale: ``src.model.targets.rank_scale``), plus where it
 came from: its format number, the versions of torch, timm, torchsort and numpy, the digest of the
 code that rebuilds and runs it, and the digest of the patch store it was trained on. Loading refuses
 formats it does not know, and a model whose rebuilt preprocessing differs from the recorded one.
@@ -23,10 +24,12 @@ from src.core.errors import InputError
 from src.core.files import atomic_path
 from src.core.provenance import imported_modules, modules_digest, versions
 from src.core.sections import InferConfig, LossConfig, ModelConfig
+from src.data.spatial import COMPETITION_PITCH_PX, COMPETITION_UM_PER_PX
 from src.model.network import Ensemble, RecipeEnsemble, SpatialCellModel
 
-FORMAT = 5  # 1: before the preprocessing and provenance were recorded; 2: model.context in px; 3: one recipe
-# at the top level; 4: no rank scale (all still read, except rank recipes of formats before 5)
+FORMAT = 6  # 1: before the preprocessing and provenance were recorded; 2: model.context in px; 3: one recipe
+# at the top level; 4: no rank scale (all still read, except rank recipes of formats before 5); 5: neighbour
+# radius and smoothing sigma in px of the competition's 25-px pitch, no resolution recorded
 LIBRARIES = ("torch", "timm", "torchsort", "numpy")
 RUNS_A_CHECKPOINT = ("src.engine.inference", "src.model.checkpoint")  # and all they import
 
@@ -38,15 +41,17 @@ def code_version() -> str:
 
 def save_checkpoint(path: str | Path, model: SpatialCellModel | Ensemble, *, targets: list[str],
                     loss: LossConfig, patch_size: int, infer: InferConfig, stain: dict, rank_scale: list[float],
-                    data_digest: str = "") -> None:
+                    data_digest: str = "", um_per_px: float = COMPETITION_UM_PER_PX,
+                    pitch: float = COMPETITION_PITCH_PX) -> None:
     """One recipe (a model, or the fold models of one CV)."""
     save_recipes(path, [(model, loss, infer, 1.0)], targets=targets, patch_size=patch_size, stain=stain,
-                 rank_scale=rank_scale, data_digest=data_digest)
+                 rank_scale=rank_scale, data_digest=data_digest, um_per_px=um_per_px, pitch=pitch)
 
 
 def save_recipes(path: str | Path, recipes: list[tuple[SpatialCellModel | Ensemble, LossConfig, InferConfig, float]],
                  *, targets: list[str], patch_size: int, stain: dict, rank_scale: list[float],
-                 data_digest: str = "") -> None:
+                 data_digest: str = "", um_per_px: float = COMPETITION_UM_PER_PX,
+                 pitch: float = COMPETITION_PITCH_PX) -> None:
     """Several recipes, each (model, its loss config, its inference settings, its weight)."""
     recipe_payloads = [_recipe_payload(model, loss, infer, weight) for model, loss, infer, weight in recipes]
     _share_equal_tensors([state for recipe in recipe_payloads for state in recipe["state_dicts"]])
@@ -55,6 +60,8 @@ def save_recipes(path: str | Path, recipes: list[tuple[SpatialCellModel | Ensemb
         "recipes": recipe_payloads,
         "targets": list(targets),
         "patch_size": int(patch_size),
+        "um_per_px": float(um_per_px),
+        "pitch": float(pitch),
         "stain": stain,
         "rank_scale": [float(v) for v in rank_scale],
         "versions": versions(LIBRARIES),
@@ -133,6 +140,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
         raise InputError(f"{path}: a recipe with rank targets, written before predictions were put on the "
                          "abundance scale; rerun `dvc repro train` (or `python -m src.train`)")
     payload.setdefault("rank_scale", [])
+    payload.setdefault("um_per_px", COMPETITION_UM_PER_PX)  # formats before 6: the competition's scale
+    payload.setdefault("pitch", COMPETITION_PITCH_PX)
     loaded = [_load_recipe(path, recipe, written, payload) for recipe in recipes]
     meta = dict(payload, format=written)
     if len(loaded) == 1:
@@ -149,6 +158,11 @@ def _load_recipe(path: Path, recipe: dict, written: int, shared: dict) -> tuple[
         fields["context"] = 1.0 if not px else px / shared["patch_size"]
         if recipe.get("preprocessing") is not None:
             recipe = dict(recipe, preprocessing=dict(recipe["preprocessing"], context=fields["context"]))
+    infer = dict(recipe["infer"])
+    if written < 6:  # px set for the competition's 25-px pitch, now spot pitches
+        fields["neighbour_radius"] = fields["neighbour_radius"] / COMPETITION_PITCH_PX
+        infer["smoothing_sigma"] = infer["smoothing_sigma"] / COMPETITION_PITCH_PX
+        recipe = dict(recipe, infer=infer)
     cfg = dataclasses.replace(ModelConfig(**fields), pretrained=False, weights="")
     members = []
     for state in recipe["state_dicts"]:

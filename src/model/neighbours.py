@@ -2,7 +2,7 @@
 
 Every spot is described by the frozen start of the backbone, pooled (``src.model.network.SpatialCellModel.spot_descriptors``);
 a spot's neighbourhood is the mean descriptor of the spots of its own slide within
-``model.neighbour_radius`` px of it (itself included). Descriptors come from images only, never from
+``model.neighbour_radius`` spot pitches of it (itself included; the slide's own pitch). Descriptors come from images only, never from
 labels, so a validation or test spot's neighbourhood carries no label across a CV fold boundary, and
 at prediction the neighbours are the slide's own spots, as in training.
 
@@ -24,12 +24,14 @@ from src.model.feature_cache import FeatureCaches
 from src.model.network import Ensemble, SpatialCellModel
 
 
-def neighbour_mean(values: np.ndarray, xy: np.ndarray, slides: np.ndarray, radius: float) -> np.ndarray:
-    """Mean of ``values`` (N x D) over each spot's same-slide spots within ``radius`` px, itself included."""
+def neighbour_mean(values: np.ndarray, xy: np.ndarray, slides: np.ndarray, radius: float,
+                   pitches: dict[str, float]) -> np.ndarray:
+    """Mean of ``values`` (N x D) over each spot's same-slide spots within ``radius`` spot pitches (each
+    slide's pitch in its pixels: ``pitches``), itself included."""
     out = np.empty_like(values)
     for name in pd.unique(slides):
         rows = np.flatnonzero(slides == name)
-        graph = radius_neighbors_graph(xy[rows], radius, mode="connectivity", include_self=True)
+        graph = radius_neighbors_graph(xy[rows], radius * pitches[str(name)], mode="connectivity", include_self=True)
         out[rows] = (graph @ values[rows]) / np.asarray(graph.sum(axis=1))
     return out
 
@@ -66,6 +68,7 @@ def spot_inputs(model: SpatialCellModel | Ensemble, patch_set: PatchSet, device:
         return coords
     describers = model.describers if isinstance(model, Ensemble) else [model]
     xy, slides = patch_set.xy(), patch_set.spots["slide"].to_numpy()
-    around = [neighbour_mean(spot_descriptors(d, patch_set, device, batch_size, reuse), xy, slides, radius)
+    around = [neighbour_mean(spot_descriptors(d, patch_set, device, batch_size, reuse), xy, slides, radius,
+                             patch_set.pitches())
               for d in describers]
     return np.hstack([coords, *around]).astype(np.float32)
