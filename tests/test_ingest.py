@@ -317,7 +317,7 @@ def test_imported_slides_go_through_dvc_repro_to_predictions_scanpy_reads(tmp_pa
     path, env = make_repo(tmp_path / "repo", SMALL)
     visium = tmp_path / "visium"
     run_ok([sys.executable, "-m", "src.simulate", "--out", "data/sim.h5",  # truth: data/sim_truth.h5
-            "--visium", str(visium), *[a.replace("240", "400") for a in TINY]], path, env)
+            "--visium", str(visium), "--geometry", "competition", *[a.replace("240", "400") for a in TINY]], path, env)
     run_ok([sys.executable, "-m", "src.ingest", str(visium / "manifest_spaceranger.csv"), "--out", "data/visium.h5",
             "--truth-out", "data/visium_truth.h5"], path, env)
     figures = {}
