@@ -21,8 +21,8 @@ import pandas as pd
 from src.core.config import load_params
 from src.core.errors import InputError, exit_on_input_error
 from src.core.files import atomic_path, write_csv, write_json
-from src.data.patch_set import PatchSet, has_split, load_patch_set
-from src.data.truth import read_truth
+from src.data.preprocessing.patch_set import PatchSet, has_split, load_patch_set
+from src.data.slides.truth import read_truth
 from src.engine.inference import predict_abundance
 from src.engine.metrics import competition_score, floor_score, map_per_type, map_score, position_floor, skill
 from src.model.checkpoint import load_checkpoint

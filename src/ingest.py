@@ -6,7 +6,7 @@ competition's file.
 [--um-per-px U]``
 
 The manifest is a CSV with one row per slide (``slide,split,spots,image,abundances,library_id,um_per_px``;
-see ``src.data.ingestion``). Only in-tissue spots with abundances are kept, joined on barcode; every
+see ``src.data.slides.ingestion``). Only in-tissue spots with abundances are kept, joined on barcode; every
 slide is resampled to ``--resolution`` µm/px (default the competition's scale: a 55 µm spot 26 px
 across), from the pyramid level of its image that fits. The images' pixel size is read from each file;
 ``--um-per-px`` gives it for files that have none (the manifest's ``um_per_px`` column, per slide). Test slides with abundances go to ``--truth-out``, which
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from src.core.errors import exit_on_input_error
-from src.data.ingestion import ingest
+from src.data.slides.ingestion import ingest
 from src.data.spatial import COMPETITION_UM_PER_PX
 
 

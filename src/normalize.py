@@ -10,7 +10,7 @@ from pathlib import Path
 
 from src.core.config import add_params_arguments, load_params
 from src.core.errors import exit_on_input_error
-from src.data.normalization import normalize_file
+from src.data.preprocessing.normalization import normalize_file
 
 
 @exit_on_input_error

@@ -1,6 +1,6 @@
 """Stage ``patches``: register each training slide, then store a patch around every spot.
 
-``python -m src.patches --normalized data/normalized/slides.h5 --out data/patches`` (layout: ``src.data.patch_store``).
+``python -m src.patches --normalized data/normalized/slides.h5 --out data/patches`` (layout: ``src.data.preprocessing.patch_store``).
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 from src.core.config import add_params_arguments, load_params
 from src.core.errors import exit_on_input_error
-from src.data.normalization import SLIDES_FILE
-from src.data.patch_extraction import extract_patches
+from src.data.preprocessing.normalization import SLIDES_FILE
+from src.data.preprocessing.patch_extraction import extract_patches
 
 
 @exit_on_input_error

@@ -23,12 +23,12 @@ import pandas as pd
 
 from src.core.errors import InputError, exit_on_input_error
 from src.core.files import write_csv
-from src.data.patch_extraction import crop_test_slides
-from src.data.patch_set import PatchSet
-from src.data.prediction_files import SlideSource, write_prediction_csv, write_prediction_h5ad
-from src.data.slides import open_h5, read_fullres, read_um_per_px, slide_refs
+from src.data.preprocessing.patch_extraction import crop_test_slides
+from src.data.preprocessing.patch_set import PatchSet
+from src.data.preprocessing.stain import StainNormalizer
+from src.data.slides.layout import open_h5, read_fullres, read_um_per_px, slide_refs
+from src.data.slides.prediction_files import SlideSource, write_prediction_csv, write_prediction_h5ad
 from src.data.spatial import SPOT_DIAMETER_UM
-from src.data.stain import StainNormalizer
 from src.engine.inference import predict_abundance
 from src.model.checkpoint import load_checkpoint
 from src.report.plots import spatial_map

@@ -1,8 +1,8 @@
-"""Stage ``simulate``: the embedded default data set (``src.data.simulation``) in the competition layout.
+"""Stage ``simulate``: the embedded default data set (``src.data.simulators.compartments``) in the competition layout.
 
 ``python -m src.simulate --out data/simulated.h5 --truth-out data/simulated_truth.h5 [--set simulate.seed=13]``
 
-``--visium DIR`` writes the slides as labs hold Visium data (``src.data.visium_export``): Space Ranger
+``--visium DIR`` writes the slides as labs hold Visium data (``src.data.simulators.visium_export``): Space Ranger
 folders, full-resolution scanner files ``--fullres-scale`` times finer (JPEG-tiled pyramidal TIFFs, the
 test slides as Aperio SVS), ``.h5ad`` files, abundance CSVs and a manifest per route for
 ``python -m src.ingest``. Its spots lie on Visium's lattice (``--geometry visium``: 100 µm apart, 55 µm
@@ -16,10 +16,10 @@ from pathlib import Path
 
 from src.core.config import add_params_arguments, load_params
 from src.core.errors import InputError, exit_on_input_error
-from src.data.families import simulate_family
-from src.data.simulation import write_layout
+from src.data.simulators.compartments import write_layout
+from src.data.simulators.families import simulate_family
+from src.data.simulators.visium_export import export_visium
 from src.data.spatial import COMPETITION_PITCH_PX, COMPETITION_UM_PER_PX, SPOT_PITCH_UM
-from src.data.visium_export import export_visium
 
 
 @exit_on_input_error

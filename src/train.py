@@ -16,7 +16,7 @@ import numpy as np
 
 from src.core.config import add_params_arguments, apply_overrides, load_params, read_raw
 from src.core.errors import InputError, exit_on_input_error
-from src.data.patch_set import load_patch_set
+from src.data.preprocessing.patch_set import load_patch_set
 from src.engine.final_model import final_model
 from src.model.checkpoint import save_checkpoint, save_recipes
 from src.model.targets import rank_scale

@@ -25,7 +25,7 @@ from pathlib import Path
 from src.core.config import apply_overrides, params_from_dict, read_raw
 from src.core.errors import InputError, exit_on_input_error
 from src.core.locations import shared_path, shared_storage_url
-from src.data.patch_set import load_patch_set
+from src.data.preprocessing.patch_set import load_patch_set
 from src.search.display import print_summary
 from src.search.objective import INTERRUPT
 from src.search.outputs import StageOutputs, trial_counts, write_outputs

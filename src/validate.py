@@ -16,7 +16,7 @@ from pathlib import Path
 from src.core.config import load_params
 from src.core.errors import InputError, exit_on_input_error
 from src.core.files import write_json
-from src.data.validation import SlideSummary, validate_file
+from src.data.slides.validation import SlideSummary, validate_file
 
 
 def print_summary(path: Path, summaries: list[SlideSummary]) -> None:

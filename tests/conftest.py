@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from src.core.sections import SimulateConfig
-from src.data.simulation import simulate, write_layout
+from src.data.simulators.compartments import simulate, write_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "studies/best_params.yaml", "outputs", "plots")
@@ -91,13 +91,13 @@ def fast_params(*overrides: str):
 def tiny_patches(tiny_dataset, tmp_path_factory) -> Path:
     """Normalized 32 px patches of the tiny slides (stage outputs of normalize + patches)."""
     from src.core.sections import PatchesConfig, StainConfig
-    from src.data.normalization import SLIDES_FILE, normalize_file
-    from src.data.patch_extraction import extract_patches
+    from src.data.preprocessing.normalization import SLIDES_FILE, normalize_file
+    from src.data.preprocessing.patch_extraction import extract_patches
 
     folder = tmp_path_factory.mktemp("stages")
     normalize_file(tiny_dataset[0], folder / "normalized", StainConfig("vahadane", "", True, 20_000, 0),
                    log=lambda _: None)
-    extract_patches(folder / "normalized" / SLIDES_FILE, folder / "patches", PatchesConfig(32, "auto", 100, {}),
+    extract_patches(folder / "normalized" / SLIDES_FILE, folder / "patches", PatchesConfig(32, "auto", 4.0, {}),
                     log=lambda _: None)
     return folder
 

@@ -36,8 +36,23 @@ def test_every_module_of_src_lies_in_a_layer():
     assert top <= named, f"outside the layers contract: {sorted(top - named)}"
 
 
+def test_every_data_module_lies_in_a_room():
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    rooms = next(c for c in contracts if c["name"].startswith("data rooms"))["layers"]
+    named = {name.strip() for layer in rooms for name in layer.split("|")}
+    data = ROOT / "src" / "data"
+    found = {f"src.data.{p.stem}" for p in data.glob("*.py") if p.stem != "__init__"}
+    found |= {f"src.data.{p.name}" for p in data.iterdir() if (p / "__init__.py").is_file()}
+    assert found == named, f"data modules outside the rooms contract: {sorted(found ^ named)}"
+
+
 @pytest.mark.parametrize("module, line, contract", [
-    ("src/data/slides.py", "from src.model import network  # noqa", "src.data is not allowed to import src.model"),
+    ("src/data/slides/layout.py", "from src.model import network  # noqa", "src.data is not allowed to import src.model"),
+    ("src/data/slides/ingestion.py", "from src.data.preprocessing import stain  # noqa",
+     "src.data.slides is not allowed to import src.data.preprocessing"),
+    ("src/data/preprocessing/patch_set.py", "import torch  # noqa", "src.data.preprocessing.patch_set -> torch"),
     ("src/engine/metrics.py", "import optuna  # noqa", "src.engine.metrics -> optuna"),
     ("src/model/targets.py", "from src.model import losses  # noqa", "No cycles are allowed in src.model"),
 ])

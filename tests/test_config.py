@@ -123,10 +123,10 @@ def test_the_names_a_field_accepts_are_the_names_its_module_acts_on():
     import typing
 
     from src.core import sections as config
-    from src.data.stain import METHODS
-    from src.data.transforms import DIHEDRAL, dihedral
+    from src.data.preprocessing.stain import METHODS
     from src.model.fusion import FUSIONS
     from src.model.targets import TARGET_TRANSFORMS, transform_targets
+    from src.model.transforms import DIHEDRAL, dihedral
     from src.search.pruning import PRUNERS
 
     assert set(FUSIONS) == set(typing.get_args(config.FusionName))

@@ -5,9 +5,9 @@ import torch
 
 from src.core import devices
 from src.core.errors import InputError
-from src.data.patch_set import load_patch_set
-from src.data.transforms import DownsamplingWarning, Preprocessing, build_transform
+from src.data.preprocessing.patch_set import load_patch_set
 from src.engine.fit import fit
+from src.model.transforms import DownsamplingWarning, Preprocessing, build_transform
 from src.search import study as search_study
 from src.search.study import run_study
 from tests.conftest import fast_params

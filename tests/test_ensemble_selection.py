@@ -51,7 +51,7 @@ def test_nested_cv_prefers_the_ensemble_only_where_it_generalizes():
 def test_a_study_selection_reads_back_the_scores_its_trials_recorded(tmp_path, tiny_patches):
     from optuna.artifacts import FileSystemArtifactStore
 
-    from src.data.patch_set import load_patch_set
+    from src.data.preprocessing.patch_set import load_patch_set
     from src.search.selection import oof_view, select
     from src.search.storage import create_storage
     from tests.test_tune import _study, base_raw
@@ -86,7 +86,7 @@ def test_train_delivers_the_selected_trials_and_the_checkpoint_predicts_their_we
     import yaml
 
     from src import train
-    from src.data.patch_set import load_patch_set
+    from src.data.preprocessing.patch_set import load_patch_set
     from src.engine.inference import predict_abundance, predict_smoothed
     from src.model.checkpoint import load_checkpoint
     from src.model.network import RecipeEnsemble

@@ -7,14 +7,14 @@ import torch
 from torch._dynamo.utils import counters
 
 from src.core.errors import InputError
-from src.data.patch_set import load_patch_set
-from src.data.transforms import DIHEDRAL, build_transform, dihedral
+from src.data.preprocessing.patch_set import load_patch_set
 from src.engine.fit import fit
 from src.engine.inference import predict
 from src.engine.metrics import competition_score
 from src.model import feature_cache
 from src.model.feature_cache import FeatureCaches, build_or_load, cached_batch, model_cut, needed_variants
 from src.model.network import SpatialCellModel
+from src.model.transforms import DIHEDRAL, build_transform, dihedral
 from tests.conftest import fast_params
 
 EXACT_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 on a CPU: the cached activations are the computed ones

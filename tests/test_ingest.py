@@ -13,7 +13,7 @@ import pytest
 import tifffile
 
 from src import ingest, simulate
-from src.data.slides import open_h5, read_barcodes, read_image_uint8, read_spots, slide_refs
+from src.data.slides.layout import open_h5, read_barcodes, read_image_uint8, read_spots, slide_refs
 
 TINY = ["--set", "simulate.size=240", "--set", "simulate.n_train=2", "--set", "simulate.n_test=1",
         "--set", "simulate.tissue_extent=[0.8, 1.1]", "--set", "simulate.offsets=[[0, 0], [0, 0]]"]

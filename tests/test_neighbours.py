@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from src.core.errors import InputError
-from src.data.patch_set import load_patch_set
-from src.data.transforms import build_transform
+from src.data.preprocessing.patch_set import load_patch_set
 from src.engine.fit import fit
 from src.engine.inference import predict
 from src.model.backbone_split import pool_positions
@@ -16,6 +15,7 @@ from src.model.checkpoint import load_checkpoint, save_checkpoint
 from src.model.neighbours import neighbour_mean, spot_inputs
 from src.model.network import Ensemble, SpatialCellModel
 from src.model.targets import rank_scale
+from src.model.transforms import build_transform
 from tests.conftest import fast_params
 from tests.helpers import format3
 

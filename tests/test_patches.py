@@ -6,11 +6,11 @@ import pytest
 
 from src.core.errors import InputError
 from src.core.sections import PatchesConfig, StainConfig
-from src.data.normalization import SLIDES_FILE, normalize_file
-from src.data.patch_extraction import extract_patches
-from src.data.patch_set import load_patch_set
-from src.data.patch_store import SlideCrops
-from src.data.slides import SlideRef, open_h5, read_image_uint8
+from src.data.preprocessing.normalization import SLIDES_FILE, normalize_file
+from src.data.preprocessing.patch_extraction import extract_patches
+from src.data.preprocessing.patch_set import load_patch_set
+from src.data.preprocessing.patch_store import SlideCrops
+from src.data.slides.layout import SlideRef, open_h5, read_image_uint8
 
 
 def crop_patches(image, x, y, size, offset=(0, 0)):
@@ -55,7 +55,9 @@ def test_patch_stage_writes_memmappable_slides_crops_and_spot_tables(normalized,
     assert meta["targets"] == [f"C{i}" for i in range(1, 36)]
     assert list(spots.columns[4:]) == meta["targets"]
     assert meta["slides"]["S_1"] == {"split": "Train", "height": 240, "width": 240,
-                                     "n_spots": int((spots.slide == "S_1").sum())}
+                                     "n_spots": int((spots.slide == "S_1").sum()),
+                                     "pitch": pytest.approx(25.0, abs=0.1)}  # the lattice's, measured
+    assert meta["um_per_px"] == pytest.approx(55 / 26)
     test_spots = pd.read_csv(out / "test_spots.csv")
     assert list(test_spots.columns) == ["slide", "spot", "x", "y", "Test_Set"]
     assert len(load_patch_set(out, "test").images) == len(test_spots)
@@ -70,7 +72,7 @@ def test_patch_stage_writes_memmappable_slides_crops_and_spot_tables(normalized,
 def test_the_store_holds_the_slides_once_whatever_the_patch_size(normalized, tmp_path):
     """Wide patches overlap many-fold; the store grows with the slides, not with the patch size."""
     def store_bytes(size):
-        extract_patches(normalized / SLIDES_FILE, tmp_path / str(size), PatchesConfig(size, "none", 100, {}),
+        extract_patches(normalized / SLIDES_FILE, tmp_path / str(size), PatchesConfig(size, "none", 4.0, {}),
                         log=lambda _: None)
         return sum(f.stat().st_size for f in (tmp_path / str(size)).rglob("*.npy")), load_patch_set(tmp_path / str(size))
 
@@ -101,12 +103,12 @@ def test_slide_crops_index_as_an_array_does():
 def test_unknown_offset_slide_is_an_error_and_writes_nothing(normalized, tmp_path):
     out = tmp_path / "patches"
     with pytest.raises(InputError, match=r"patches.offsets.S_9: no such slide"):
-        extract_patches(normalized / SLIDES_FILE, out, PatchesConfig(16, "auto", 100, {"S_9": [1, 1]}), log=print)
+        extract_patches(normalized / SLIDES_FILE, out, PatchesConfig(16, "auto", 4.0, {"S_9": [1, 1]}), log=print)
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_normalized_file_keeps_the_layout_and_the_reference(normalized, tiny_dataset):
-    from src.data.validation import validate_file
+    from src.data.slides.validation import validate_file
 
     summaries = validate_file(normalized / SLIDES_FILE)
     assert {s.dtype for s in summaries} == {"uint8"}

@@ -107,7 +107,7 @@ def test_truthless_data_the_way_the_readme_says_then_a_noop_repro(repo, tmp_path
     data.truth to "", `dvc repro`: every stage runs, every declared output exists, the metrics are the
     CV figures, the shifted training slide is registered; a second `dvc repro` runs nothing."""
     from src.core.sections import SimulateConfig
-    from src.data.simulation import simulate, write_layout
+    from src.data.simulators.compartments import simulate, write_layout
 
     path, env = repo
     cfg = SimulateConfig(seed=3, n_train=2, n_test=1, size=400, pitch=25.0, n_types=35, tissue_extent=[0.8, 1.1],

@@ -10,7 +10,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from src.data.prediction_files import HIRES, LOWRES, SlideSource, write_prediction_h5ad  # noqa: E402
+from src.data.slides.prediction_files import HIRES, LOWRES, SlideSource, write_prediction_h5ad  # noqa: E402
 
 NAMES = ["B cells", "T cells", "Tumour"]
 

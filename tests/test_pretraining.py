@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import torch
 
-from src.data.patch_set import load_patch_set
+from src.data.preprocessing.patch_set import load_patch_set
 from src.engine.cross_validation import cross_validate
 from src.engine.folds import make_folds
 from src.engine.inference import predict

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from src.core.sections import PatchesConfig, SimulateConfig
-from src.data.patch_extraction import extract_patches
-from src.data.patch_set import load_patch_set
-from src.data.registration import estimate_offset
-from src.data.simulation import simulate, write_layout
+from src.data.preprocessing.patch_extraction import extract_patches
+from src.data.preprocessing.patch_set import load_patch_set
+from src.data.preprocessing.registration import estimate_offset
+from src.data.simulators.compartments import simulate, write_layout
 
 HALF_PITCH = 12  # px: the bar for every estimate
 
@@ -56,7 +56,7 @@ def test_max_shift_zero_searches_nothing():
 def shifted_store(tmp_path_factory):
     """A normalized file whose S_1 is shifted by (-30, 20) and S_2 aligned (both large enough)."""
     from src.core.sections import StainConfig
-    from src.data.normalization import normalize_file
+    from src.data.preprocessing.normalization import normalize_file
 
     folder = tmp_path_factory.mktemp("shifted")
     cfg = SimulateConfig(seed=3, n_train=2, n_test=1, size=400, pitch=25.0, n_types=35,
@@ -70,7 +70,7 @@ def shifted_store(tmp_path_factory):
 
 def test_patch_stage_estimates_applies_and_records_the_offsets(shifted_store, tmp_path):
     lines = []
-    extract_patches(shifted_store, tmp_path / "p", PatchesConfig(32, "auto", 100, {}), log=lines.append)
+    extract_patches(shifted_store, tmp_path / "p", PatchesConfig(32, "auto", 4.0, {}), log=lines.append)
     meta = json.loads((tmp_path / "p" / "meta.json").read_text())
     assert np.abs(np.subtract(meta["offsets"]["S_1"], [-30, 20])).max() <= HALF_PITCH
     assert np.abs(meta["offsets"]["S_2"]).max() <= HALF_PITCH
@@ -82,12 +82,12 @@ def test_patch_stage_estimates_applies_and_records_the_offsets(shifted_store, tm
 
 
 def test_hand_set_offsets_override_the_estimate_and_none_turns_it_off(shifted_store, tmp_path):
-    extract_patches(shifted_store, tmp_path / "set", PatchesConfig(32, "auto", 100, {"S_1": [5, -5]}),
+    extract_patches(shifted_store, tmp_path / "set", PatchesConfig(32, "auto", 4.0, {"S_1": [5, -5]}),
                     log=lambda _: None)
     meta = json.loads((tmp_path / "set" / "meta.json").read_text())
     assert meta["offsets"]["S_1"] == [5, -5] and meta["registration"]["S_1"]["source"] == "set"
     assert meta["registration"]["S_2"]["source"] == "estimated"
-    extract_patches(shifted_store, tmp_path / "none", PatchesConfig(32, "none", 100, {}), log=lambda _: None)
+    extract_patches(shifted_store, tmp_path / "none", PatchesConfig(32, "none", 4.0, {}), log=lambda _: None)
     meta = json.loads((tmp_path / "none" / "meta.json").read_text())
     assert meta["offsets"] == {"S_1": [0, 0], "S_2": [0, 0], "S_3": [0, 0]}
     set_patches = load_patch_set(tmp_path / "set").images[:]

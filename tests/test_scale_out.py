@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from src import tune
 from src.core.config import apply_overrides, read_raw
-from src.data.patch_set import load_patch_set
+from src.data.preprocessing.patch_set import load_patch_set
 from src.search.space import run_value
 from src.search.storage import create_storage
 from src.search.study import stored_study_name

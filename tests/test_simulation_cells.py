@@ -8,9 +8,9 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.stats import spearmanr
 
-from src.data.families import simulate_family
-from src.data.simulation import write_layout
-from src.data.validation import validate_file
+from src.data.simulators.compartments import write_layout
+from src.data.simulators.families import simulate_family
+from src.data.slides.validation import validate_file
 from src.engine.metrics import competition_score
 from src.report.data_statistics import floor as data_floor
 from tests.conftest import TINY
@@ -70,7 +70,7 @@ def test_the_signal_lives_at_the_spot_scale_not_the_compartment_scale(both_famil
 def test_test_slides_are_scanned_blurrier():
     """An acquisition shift between training and test: the same stain concentrations come out blurrier
     on a test slide's scanner than on any training slide's."""
-    from src.data.simulation_cells import _scan
+    from src.data.simulators.cells import _scan
 
     rng = np.random.default_rng(0)
     haematoxylin = (rng.random((128, 128)) < 0.05) * 1.5

@@ -10,8 +10,8 @@ import staintools
 from skimage import data as skdata
 
 from src.core.errors import InputError
-from src.data.slides import SlideRef, open_h5, read_image_uint8
-from src.data.stain import StainNormalizer, optical_density, positive_lasso_2, upper_percentile
+from src.data.preprocessing.stain import StainNormalizer, optical_density, positive_lasso_2, upper_percentile
+from src.data.slides.layout import SlideRef, open_h5, read_image_uint8
 from tests.conftest import ROOT, fast_params
 
 STAINTOOLS_ITERATIONS = 1000  # staintools' own default (iter=-1) is "learn for one second"
@@ -58,7 +58,7 @@ def test_vahadane_fit_leaves_torch_thread_count_alone():
     script = (
         "import torch; torch.get_num_threads(); torch.set_num_threads(3)\n"
         "from skimage import data\n"
-        "from src.data.stain import vahadane_stain_matrix\n"
+        "from src.data.preprocessing.stain import vahadane_stain_matrix\n"
         "vahadane_stain_matrix(data.immunohistochemistry()[:128, :128].reshape(-1, 3))\n"
         "print(torch.get_num_threads())\n"
     )

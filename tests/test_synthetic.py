@@ -8,9 +8,9 @@ from scipy.spatial import cKDTree
 
 from src.core.config import load_params
 from src.core.errors import InputError
-from src.data.registration import feature_maps, sample, tissue_cover, tissue_fraction
-from src.data.simulation import simulate, write_layout
-from src.data.validation import validate_file
+from src.data.preprocessing.registration import feature_maps, sample, tissue_cover, tissue_fraction
+from src.data.simulators.compartments import simulate, write_layout
+from src.data.slides.validation import validate_file
 from src.engine.metrics import competition_score
 from src.report.data_statistics import abundance_statistics
 from src.report.data_statistics import floor as data_floor

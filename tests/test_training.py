@@ -8,8 +8,7 @@ import torch
 
 from src import predict as predict_cli
 from src.core.errors import InputError
-from src.data.patch_set import load_patch_set
-from src.data.transforms import Preprocessing, build_transform
+from src.data.preprocessing.patch_set import load_patch_set
 from src.engine.cross_validation import choose_sigma, cross_validate, cv_score
 from src.engine.fit import fit, seed_everything, warmup_cosine
 from src.engine.inference import predict, predict_abundance
@@ -17,6 +16,7 @@ from src.evaluate import evaluate
 from src.model.checkpoint import load_checkpoint, save_checkpoint
 from src.model.network import Ensemble, SpatialCellModel
 from src.model.targets import rank_scale
+from src.model.transforms import Preprocessing, build_transform
 from tests.conftest import ROOT, fast_params, read_layout, write_datasets
 from tests.helpers import format3
 

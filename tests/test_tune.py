@@ -15,7 +15,7 @@ from optuna.trial import FixedTrial, TrialState
 
 from src.core.config import apply_overrides, read_raw
 from src.core.errors import InputError
-from src.data.patch_set import load_patch_set
+from src.data.preprocessing.patch_set import load_patch_set
 from src.engine.cross_validation import cross_validate
 from src.search import objective
 from src.search.objective import InterruptFlag
@@ -234,10 +234,10 @@ def test_code_digest_follows_the_code_a_trial_runs_not_its_comments(tmp_path):
     base = code_digest(src)
     run = set(trial_modules(src))
     assert {"src.engine.fit", "src.model.network", "src.model.losses", "src.model.feature_cache", "src.search.space",
-            "src.engine.metrics", "src.model.fusion", "src.data.patch_set"} <= run
+            "src.engine.metrics", "src.model.fusion", "src.data.preprocessing.patch_set"} <= run
     not_run = {"src.search.storage", "src.search.display", "src.bench.search", "src.predict", "src.evaluate",
-               "src.data.normalization", "src.data.stain", "src.data.registration", "src.data.patch_extraction",
-               "src.data.validation", "src.data.simulation"}
+               "src.data.preprocessing.normalization", "src.data.preprocessing.stain", "src.data.preprocessing.registration", "src.data.preprocessing.patch_extraction",
+               "src.data.slides.validation", "src.data.simulators.compartments"}
     assert not not_run & run  # the data stages reach a trial only through the patch store's content
     fusion = src / "model" / "fusion.py"
     text = fusion.read_text()

@@ -11,8 +11,8 @@ from numpy.lib import recfunctions
 
 from src import normalize, validate
 from src.core.config import read_raw
-from src.data.normalization import normalize_file
-from src.data.validation import validate_file
+from src.data.preprocessing.normalization import normalize_file
+from src.data.slides.validation import validate_file
 from tests.conftest import ROOT, read_layout, write_datasets
 
 TRAIN_SPOTS = "spots/Train/S_1"
@@ -171,7 +171,7 @@ def _float_coordinates(table, jitter):
 
 def test_float_coordinates_are_rounded_and_said_so_then_every_stage_runs(tiny_dataset, tmp_path, capsys):
     from src.core.sections import PatchesConfig, StainConfig
-    from src.data.patch_extraction import extract_patches
+    from src.data.preprocessing.patch_extraction import extract_patches
 
     datasets = read_layout(tiny_dataset[0])
     exact = read_layout(tiny_dataset[0])
@@ -182,7 +182,7 @@ def test_float_coordinates_are_rounded_and_said_so_then_every_stage_runs(tiny_da
     out = capsys.readouterr().out
     assert "float spot coordinates on S_1, S_2, S_3 are rounded to whole pixels (largest change 0.30 px)" in out
     normalize_file(path, tmp_path / "n", StainConfig("none", "", False, 1000, 0), log=lambda _: None)
-    extract_patches(tmp_path / "n" / "slides.h5", tmp_path / "p", PatchesConfig(16, "none", 100, {}),
+    extract_patches(tmp_path / "n" / "slides.h5", tmp_path / "p", PatchesConfig(16, "none", 4.0, {}),
                     log=lambda _: None)
     spots = pd.read_csv(tmp_path / "p" / "train_spots.csv")
     s1 = exact["spots/Train/S_1"]

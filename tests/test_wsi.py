@@ -7,8 +7,8 @@ import tifffile
 from PIL import Image
 
 from src.core.errors import InputError
-from src.data.wsi import choose_level, open_image, read_resampled
-from src.data.wsi_write import write_image_pyramid
+from src.data.slides.wsi import choose_level, open_image, read_resampled
+from src.data.slides.wsi_write import write_image_pyramid
 
 UM = 0.5  # the files' pixel size
 TARGET = 2.0  # the pipeline's

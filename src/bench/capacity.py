@@ -33,7 +33,7 @@ RECIPES = {
 def bench_capacity(patches: Path, fold: int, overrides: list[str], cache_dir: str, names: list[str] | None = None
                    ) -> list[dict]:
     from src.core.config import load_params
-    from src.data.patch_set import load_patch_set
+    from src.data.preprocessing.patch_set import load_patch_set
     from src.engine.fit import fit
     from src.engine.inference import predict
     from src.engine.metrics import competition_score

@@ -10,7 +10,7 @@ def bench_data(overrides: list[str], h5: str | None) -> tuple[str, dict]:
     from src.report.data_statistics import abundance_statistics
 
     if h5:
-        from src.data.slides import open_h5, read_spots, slide_refs, target_names
+        from src.data.slides.layout import open_h5, read_spots, slide_refs, target_names
 
         with open_h5(h5) as f:
             train = {}
@@ -19,7 +19,7 @@ def bench_data(overrides: list[str], h5: str | None) -> tuple[str, dict]:
                 train[ref.name] = spots[target_names(list(spots.columns))].to_numpy(np.float64)
         return h5, abundance_statistics(train)
     from src.core.config import load_params
-    from src.data.families import simulate_family
+    from src.data.simulators.families import simulate_family
 
     cfg = load_params(overrides=overrides).simulate
     slides, _ = simulate_family(cfg)

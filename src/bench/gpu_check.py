@@ -44,7 +44,7 @@ def _trial_images(work: Path, study_name: str) -> list[tuple[float, int]]:
     """(seconds, training images) of each complete trial of a study in work/study.db."""
     import optuna
 
-    from src.data.patch_set import load_patch_set
+    from src.data.preprocessing.patch_set import load_patch_set
 
     n_train = len(load_patch_set(work / "patches", "train").spots)
     storage = f"sqlite:///{work}/study.db"
@@ -81,7 +81,7 @@ def run_check(work: Path, trials: int, size: int, patch: int, overrides: list[st
     _stage(rows, "normalize", lambda: normalize.main(["--out", str(work / "normalized"), *p]))
     _stage(rows, "patches", lambda: patches.main(["--normalized", str(work / "normalized" / "slides.h5"),
                                                   "--out", str(work / "patches"), *p]))
-    from src.data.patch_set import load_patch_set
+    from src.data.preprocessing.patch_set import load_patch_set
 
     n_train = len(load_patch_set(work / "patches", "train").spots)
     _stage(rows, "feature cache build (8 dihedral variants; a cut per unfrozen count)",

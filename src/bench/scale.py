@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from src.bench.study import prebuild_cache
     from src.core.config import load_params
-    from src.data.patch_set import load_patch_set
+    from src.data.preprocessing.patch_set import load_patch_set
 
     parser = argparse.ArgumentParser(prog="python -m src.bench.scale")
     parser.add_argument("what", choices=["cache"])

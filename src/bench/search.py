@@ -80,8 +80,8 @@ class TestSlide:
     """The test slide's patches and observed abundances (from the truth file)."""
 
     def __init__(self, folder: Path, train_set):
-        from src.data.patch_set import load_patch_set
-        from src.data.truth import read_truth
+        from src.data.preprocessing.patch_set import load_patch_set
+        from src.data.slides.truth import read_truth
         from src.engine.metrics import position_floor
         from src.model.targets import rank_scale
 
@@ -192,7 +192,7 @@ def reference_scores(folder: Path, compute) -> dict:
 
 def run_seed(family: str, seed: int, params_file: Path, overrides: list[str], work: Path, trials: int | None,
              replay: bool, log=print) -> SeedResult:
-    from src.data.patch_set import load_patch_set
+    from src.data.preprocessing.patch_set import load_patch_set
     from src.engine.cross_validation import cross_validate
     from src.engine.fit import fit
     from src.engine.folds import fold_count

@@ -1,5 +1,5 @@
 """``python -m src.bench stain``: on a simulated 2000 x 2000 slide, staintools' ``StainNormalizer.transform``
-against :class:`src.data.stain.StainNormalizer` with the same fitted target, side by side in one run:
+against :class:`src.data.preprocessing.stain.StainNormalizer` with the same fitted target, side by side in one run:
 seconds, speed ratio and agreement (mean and 99th percentile of |difference| on the 0-255 scale)."""
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def bench_stain(size: int = 2000, repeats: int = 3, seed: int = 0) -> dict:
     import staintools
 
     from src.core.sections import SimulateConfig
-    from src.data.families import simulate_family
-    from src.data.stain import StainNormalizer
+    from src.data.preprocessing.stain import StainNormalizer
+    from src.data.simulators.families import simulate_family
 
     cfg = SimulateConfig(seed=seed, n_train=2, n_test=0, size=size, pitch=25.0, n_types=35,
                          tissue_extent=[1.0, 1.0], offsets=[[0, 0], [0, 0]])

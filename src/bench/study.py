@@ -116,7 +116,7 @@ def profile_cached_trial(params, patch_set) -> tuple[float, dict[str, float]]:
 
 
 def bench_study(trials: int, patches: Path, overrides: list[str], work: Path | None = None) -> dict:
-    from src.data.patch_set import load_patch_set
+    from src.data.preprocessing.patch_set import load_patch_set
 
     raw = apply_overrides(read_raw("params.yaml"), overrides)
     patch_set = load_patch_set(patches, "train")

@@ -35,7 +35,7 @@ class PeakRSS:
 def bench_trial(overrides: list[str], patches: str, cache_dir: str) -> dict:
     """One trial (spatial CV of one recipe) uncached and cached, in this process, side by side."""
     from src.core.config import load_params
-    from src.data.patch_set import load_patch_set
+    from src.data.preprocessing.patch_set import load_patch_set
     from src.engine.cross_validation import cross_validate
     from src.engine.folds import fold_count
 
@@ -65,7 +65,7 @@ def bench_pruning(overrides: list[str], patches: str, cache_dir: str, trials: in
     import tempfile
 
     from src.core.config import apply_overrides, read_raw
-    from src.data.patch_set import load_patch_set
+    from src.data.preprocessing.patch_set import load_patch_set
     from src.search.study import run_study
 
     patch_set = load_patch_set(patches, "train")

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from src.bench.scale import run_measured
+from src.data.simulators.visium_export import barcode
+from src.data.slides.wsi_write import procedural_tiles, write_pyramidal_tiff
 from src.data.spatial import SPOT_DIAMETER_UM, SPOT_PITCH_UM
-from src.data.visium_export import barcode
-from src.data.wsi_write import procedural_tiles, write_pyramidal_tiff
 
 UM_PER_PX = 0.25
 DOWNSAMPLES = (1, 4, 16)

@@ -72,7 +72,7 @@ class SimulateConfig:
     tissue_extent: Annotated[list[Annotated[Float, Field(gt=0)]], Field(min_length=2, max_length=2)]
     """[low, high] tissue radius relative to the slide, drawn per slide."""
     family: SimulationFamily = "compartments"
-    """compartments: the embedded default | cells: the held-out family (src/data/simulation_cells.py)."""
+    """compartments: the embedded default | cells: the held-out family (src/data/simulators/cells.py)."""
     offsets: list[Pair] = field(default_factory=list)
     """[dx, dy] misregistration of training slide i (the correction that maps stored spots back onto the
     tissue, as patches.offsets); test slides are aligned."""

@@ -7,11 +7,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from src.core.sections import Params
-from src.data.patch_set import PatchSet, SpotDataset
-from src.data.transforms import build_transform
+from src.data.preprocessing.patch_set import PatchSet
+from src.model.dataset import SpotDataset
 from src.model.feature_cache import FeatureCache, FeatureCaches, cached_batch, needed_variants
 from src.model.neighbours import spot_inputs
 from src.model.network import SpatialCellModel
+from src.model.transforms import build_transform
 
 
 def unfrozen_counts(params: Params) -> list[int]:

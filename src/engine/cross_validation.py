@@ -12,7 +12,7 @@ import torch
 from src.core.devices import default_device
 from src.core.locations import shared_path
 from src.core.sections import LossConfig, Params
-from src.data.patch_set import PatchSet
+from src.data.preprocessing.patch_set import PatchSet
 from src.data.spatial import balanced_blocks
 from src.engine.fit import fit
 from src.engine.folds import make_folds

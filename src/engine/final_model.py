@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from src.core.sections import Params
-from src.data.patch_set import PatchSet
+from src.data.preprocessing.patch_set import PatchSet
 from src.engine.cross_validation import cross_validate
 from src.engine.fit import fit
 from src.engine.model_store import load_models, save_models

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from src.core.devices import autocast, check_device, default_device
 from src.core.locations import shared_path
 from src.core.sections import Params
-from src.data.patch_set import PatchSet
+from src.data.preprocessing.patch_set import PatchSet
 from src.engine.batches import Batches
 from src.engine.inference import predict
 from src.engine.metrics import competition_score

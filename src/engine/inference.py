@@ -7,14 +7,15 @@ from torch.utils.data import DataLoader
 
 from src.core.devices import autocast, default_device
 from src.core.sections import InferConfig
-from src.data.patch_set import PatchSet, SpotDataset
-from src.data.transforms import build_transform, dihedral
+from src.data.preprocessing.patch_set import PatchSet
 from src.engine.ensemble_selection import combine
 from src.engine.smoothing import smooth
+from src.model.dataset import SpotDataset
 from src.model.feature_cache import FeatureCache, FeatureCaches, cached_batch
 from src.model.neighbours import spot_inputs
 from src.model.network import Ensemble, RecipeEnsemble, SpatialCellModel
 from src.model.targets import log_abundance, to_abundance_scale
+from src.model.transforms import build_transform, dihedral
 
 
 @torch.inference_mode()

@@ -23,7 +23,7 @@ from src.core.files import atomic_path
 from src.core.locations import shared_path
 from src.core.provenance import imported_modules, modules_digest
 from src.core.sections import ModelConfig, Params
-from src.data.patch_set import PatchSet
+from src.data.preprocessing.patch_set import PatchSet
 from src.engine.pretraining import backbone_folder
 from src.model.network import SpatialCellModel
 

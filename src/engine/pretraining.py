@@ -28,7 +28,7 @@ from filelock import FileLock
 from src.core.files import atomic_path
 from src.core.locations import shared_path
 from src.core.sections import LossConfig, Params
-from src.data.patch_set import PatchSet
+from src.data.preprocessing.patch_set import PatchSet
 from src.model.backbone import backbone_block_count
 
 

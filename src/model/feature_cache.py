@@ -30,10 +30,10 @@ from filelock import FileLock
 
 from src.core.devices import autocast
 from src.core.files import atomic_path
-from src.data.patch_set import PatchSet
-from src.data.transforms import DIHEDRAL, build_transform, dihedral
+from src.data.preprocessing.patch_set import PatchSet
 from src.model.backbone_split import BackboneSplit
 from src.model.network import SpatialCellModel
+from src.model.transforms import DIHEDRAL, build_transform, dihedral
 
 # Activation dtype -> how the array stores it (numpy has no bfloat16: its bits are kept as int16).
 STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}

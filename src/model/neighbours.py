@@ -18,10 +18,10 @@ import torch
 from sklearn.neighbors import radius_neighbors_graph
 
 from src.core.devices import autocast
-from src.data.patch_set import PatchSet
-from src.data.transforms import build_transform
+from src.data.preprocessing.patch_set import PatchSet
 from src.model.feature_cache import FeatureCaches
 from src.model.network import Ensemble, SpatialCellModel
+from src.model.transforms import build_transform
 
 
 def neighbour_mean(values: np.ndarray, xy: np.ndarray, slides: np.ndarray, radius: float,

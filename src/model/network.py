@@ -15,10 +15,10 @@ from torch import nn
 
 from src.core.errors import InputError
 from src.core.sections import ModelConfig
-from src.data.transforms import Preprocessing
 from src.model.backbone import backbone_blocks, create_backbone
 from src.model.backbone_split import BackboneGraph, BackboneSplit, pool_positions
 from src.model.fusion import FUSIONS
+from src.model.transforms import Preprocessing
 
 
 class CoordinateEncoder(nn.Module):

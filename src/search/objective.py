@@ -19,7 +19,7 @@ from src.core.config import params_from_dict
 from src.core.devices import default_device
 from src.core.locations import shared_path
 from src.core.sections import Params
-from src.data.patch_set import PatchSet
+from src.data.preprocessing.patch_set import PatchSet
 from src.engine.cross_validation import CVResult, cross_validate
 from src.engine.model_store import save_models
 from src.model.feature_cache import FeatureCaches

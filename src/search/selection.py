@@ -23,7 +23,7 @@ import optuna
 import pandas as pd
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 
-from src.data.patch_set import PatchSet
+from src.data.preprocessing.patch_set import PatchSet
 from src.engine.cross_validation import delivered_view
 from src.engine.ensemble_selection import NestedScores, combine, greedy_selection, nested_scores
 from src.engine.metrics import competition_score, map_per_type, types_mean

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from src.core.config import params_from_dict
 from src.core.devices import check_device, default_device
 from src.core.errors import InputError
-from src.data.patch_set import PatchSet
+from src.data.preprocessing.patch_set import PatchSet
 from src.engine.folds import fold_count
 from src.search.display import StudyMonitor
 from src.search.identity import earlier_versions, library_versions, study_identity, study_name_for, what_changed

@@ -13,10 +13,10 @@ import h5py
 from src.core.errors import InputError
 from src.core.files import atomic_path
 from src.core.sections import StainConfig
-from src.data.slides import SlideRef, image_chunks, open_h5, read_image_uint8, read_um_per_px, slide_refs
-from src.data.stain import StainNormalizer
-from src.data.truth import check_truth_file
-from src.data.validation import validate_file
+from src.data.preprocessing.stain import StainNormalizer
+from src.data.slides.layout import SlideRef, image_chunks, open_h5, read_image_uint8, read_um_per_px, slide_refs
+from src.data.slides.truth import check_truth_file
+from src.data.slides.validation import validate_file
 
 SLIDES_FILE = "slides.h5"
 STAIN_FILE = "stain.json"

@@ -1,11 +1,11 @@
 """The simulated data families, by ``simulate.family``: ``compartments`` (the embedded default,
-``src/data/simulation.py``) and ``cells`` (``src/data/simulation_cells.py``), built on different
+``src/data/simulators/compartments.py``) and ``cells`` (``src/data/simulators/cells.py``), built on different
 assumptions so that what is chosen on one can be scored on the other."""
 from __future__ import annotations
 
 from src.core.sections import SimulateConfig
-from src.data.simulation import SimulatedSlide, simulate
-from src.data.simulation_cells import simulate_cells
+from src.data.simulators.cells import simulate_cells
+from src.data.simulators.compartments import SimulatedSlide, simulate
 
 
 def simulate_family(cfg: SimulateConfig) -> tuple[list[tuple[str, str, SimulatedSlide]], list[str]]:

@@ -1,5 +1,5 @@
 """The truth file: every test spot's observed abundances (the labels the pipeline never trains on) and,
-for simulated data, their noise-free expectation. Written by ``src.data.simulation.write_layout`` and,
+for simulated data, their noise-free expectation. Written by ``src.data.simulators.compartments.write_layout`` and,
 for imported slides whose test abundances are known, by ``python -m src.ingest --truth-out``."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from src.core.errors import InputError
-from src.data.slides import open_h5, slide_refs
+from src.data.slides.layout import open_h5, slide_refs
 
 
 def read_truth(path: Path, spots: pd.DataFrame, targets: list[str], split: str = "Test"

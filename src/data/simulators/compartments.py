@@ -31,7 +31,7 @@ from scipy.spatial import cKDTree
 
 from src.core.files import atomic_path
 from src.core.sections import SimulateConfig
-from src.data.slides import image_chunks
+from src.data.slides.layout import image_chunks
 from src.data.spatial import SPOT_RADIUS
 
 # Reference H&E optical-density vectors (Ruifrok & Johnston).

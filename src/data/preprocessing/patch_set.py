@@ -1,4 +1,4 @@
-"""A split of the patch store (or of a user's file) as arrays, and as a torch dataset."""
+"""A split of the patch store (or of a user's file) as arrays (its torch dataset: ``src.model.dataset``)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,19 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from src.core.errors import InputError
-from src.data.patch_store import META_FILE, SlideCrops, crops_file, slide_file, spots_file
+from src.data.preprocessing.patch_store import META_FILE, SlideCrops, crops_file, slide_file, spots_file
 from src.data.spatial import COMPETITION_UM_PER_PX, slide_pitches
 
 
 @dataclass
 class PatchSet:
     """Patches of one split with their spot table; ``images`` reads as N x P x P x 3 uint8 (crops of
-    memory-mapped slides, :class:`~src.data.patch_store.SlideCrops`, or any such array)."""
+    memory-mapped slides, :class:`~src.data.preprocessing.patch_store.SlideCrops`, or any such array)."""
 
     images: SlideCrops | np.ndarray
     spots: pd.DataFrame  # slide, spot, x, y, then targets or Test_Set
@@ -122,28 +119,3 @@ def load_patch_set(folder: str | Path, split: str = "train") -> PatchSet:
     sizes = {name: (s["height"], s["width"]) for name, s in meta["slides"].items()}
     return PatchSet(images, spots, list(meta["targets"]), sizes, int(meta["size"]),
                     float(meta.get("um_per_px", COMPETITION_UM_PER_PX)))
-
-
-class SpotDataset(Dataset):
-    """(image, spot inputs, targets, ranks) for the chosen rows of a :class:`PatchSet`; the spot inputs
-    are rows of ``spot_inputs`` (every spot's, ``src.model.neighbours.spot_inputs``), by default the
-    normalized coordinates."""
-
-    def __init__(self, patch_set: PatchSet, rows: np.ndarray, transform: v2.Compose,
-                 targets: np.ndarray | None = None, ranks: np.ndarray | None = None,
-                 spot_inputs: np.ndarray | None = None):
-        self.images = patch_set.images
-        self.rows = np.asarray(rows)
-        self.spot = torch.from_numpy((patch_set.coords() if spot_inputs is None else spot_inputs)[self.rows])
-        n_targets = len(patch_set.targets)
-        empty = np.zeros((len(self.rows), n_targets), np.float32)
-        self.targets = torch.from_numpy((targets if targets is not None else empty).astype(np.float32))
-        self.ranks = torch.from_numpy((ranks if ranks is not None else empty).astype(np.float32))
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        image = torch.from_numpy(np.array(self.images[self.rows[i]])).permute(2, 0, 1)  # copy off the memmap
-        return self.transform(image), self.spot[i], self.targets[i], self.ranks[i]

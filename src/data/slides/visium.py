@@ -2,7 +2,7 @@
 spots, and deconvolution results (a CSV of barcodes x cell types, or an ``.h5ad`` ``obsm`` key such as
 cell2location's) for the abundances.
 
-Everything here reads; ``src.data.ingestion`` joins, resamples and writes the project's layout.
+Everything here reads; ``src.data.slides.ingestion`` joins, resamples and writes the project's layout.
 Coordinates are full-resolution pixels, ``x`` the column and ``y`` the row, as Space Ranger and
 scanpy/squidpy use them.
 """

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from src.core.errors import InputError
-from src.data.slides import COORDS, SPLITS, SlideRef, open_h5, slide_refs, target_names
+from src.data.slides.layout import COORDS, SPLITS, SlideRef, open_h5, slide_refs, target_names
 
 IMAGE_CHUNK_ROWS = 256  # rows read at a time when scanning float images (bounded memory)
 

@@ -8,15 +8,15 @@ A manifest (CSV, one row per slide; paths relative to the manifest's folder) nam
     B1,test,B1.h5ad,B1/B1_fullres.tif,,,0.2738
 
 ``spots`` is a Space Ranger ``outs/`` folder or an ``.h5ad``; ``image`` the full-resolution H&E the
-positions were measured on, in any format ``src.data.wsi`` reads (scanner files, pyramidal TIFFs);
+positions were measured on, in any format ``src.data.slides.wsi`` reads (scanner files, pyramidal TIFFs);
 ``abundances`` a CSV (barcodes x cell types) or an ``.h5ad`` whose ``obsm`` holds them (required for
 training slides; for test slides it is the truth the evaluation scores against, optional);
 ``library_id`` picks one library of an ``.h5ad``; ``um_per_px`` (optional) the image's pixel size where
 its file has none or a wrong one. Table rows are matched to spots on the barcode, tolerating a missing
-``-1`` and a sample prefix or suffix (``src.data.barcodes``); a few unmatched rows are dropped with a
+``-1`` and a sample prefix or suffix (``src.data.slides.barcodes``); a few unmatched rows are dropped with a
 note, a table mostly unmatched is refused.
 
-The image's pixel size is the manifest's, else the file's own (``src.data.wsi``), else the one Space
+The image's pixel size is the manifest's, else the file's own (``src.data.slides.wsi``), else the one Space
 Ranger's ``spot_diameter_fullres`` implies (a 55 µm spot); where the scalefactors give one it must agree
 within 10%, and the hires image divided by ``tissue_hires_scalef`` must give the image's size. All of
 that is checked for every row before any image is resampled.
@@ -41,12 +41,12 @@ import pandas as pd
 
 from src.core.errors import InputError
 from src.core.files import atomic_path
-from src.data.barcodes import match_barcodes
-from src.data.slides import NON_TARGET_FIELDS, image_chunks
+from src.data.slides.barcodes import match_barcodes
+from src.data.slides.layout import NON_TARGET_FIELDS, image_chunks
+from src.data.slides.validation import validate_file
+from src.data.slides.visium import SpotTable, read_abundances, read_h5ad_spots, read_spaceranger
+from src.data.slides.wsi import PixelSize, open_image, read_resampled, resampled_shape
 from src.data.spatial import COMPETITION_UM_PER_PX
-from src.data.validation import validate_file
-from src.data.visium import SpotTable, read_abundances, read_h5ad_spots, read_spaceranger
-from src.data.wsi import PixelSize, open_image, read_resampled, resampled_shape
 
 MANIFEST_COLUMNS = ("slide", "split", "spots", "image")
 SLIDE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -262,7 +262,7 @@ MOST = 0.5  # a table most of whose barcodes match no spot is the wrong table
 
 def _joined(table: pd.DataFrame, spots: SpotTable, path: Path) -> tuple[pd.DataFrame, str]:
     """The table's rows that name a spot of the slide, indexed by the slide's barcodes, and a note: the
-    matching rule (``src.data.barcodes``) and how many rows were dropped. Mostly unmatched: one line."""
+    matching rule (``src.data.slides.barcodes``) and how many rows were dropped. Mostly unmatched: one line."""
     found = match_barcodes(list(table.index), list(spots.all_barcodes))
     if found.matched < MOST * len(table):
         example = table.index[np.argmax(found.spot < 0)]

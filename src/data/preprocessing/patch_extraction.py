@@ -1,7 +1,7 @@
 """A square uint8 patch around every spot, with its spot table (stage ``patches``).
 
 Registration (hand-set, estimated or none) shifts each training slide's spots onto its tissue first;
-what is written is described in ``src.data.patch_store``.
+what is written is described in ``src.data.preprocessing.patch_store``.
 """
 from __future__ import annotations
 
@@ -14,10 +14,19 @@ import pandas as pd
 from src.core.errors import InputError
 from src.core.files import atomic_path
 from src.core.sections import PatchesConfig
-from src.data.patch_set import PatchSet
-from src.data.patch_store import META_FILE, SlideCrops, crop_corners, crops_file, padded_slide, slide_file, spots_file
-from src.data.registration import MIN_SPOTS, Registration, estimate_offset, tissue_cover, tissue_fraction
-from src.data.slides import (
+from src.data.preprocessing.patch_set import PatchSet
+from src.data.preprocessing.patch_store import (
+    META_FILE,
+    SlideCrops,
+    crop_corners,
+    crops_file,
+    padded_slide,
+    slide_file,
+    spots_file,
+)
+from src.data.preprocessing.registration import MIN_SPOTS, Registration, estimate_offset, tissue_cover, tissue_fraction
+from src.data.preprocessing.stain import StainNormalizer
+from src.data.slides.layout import (
     SlideRef,
     open_h5,
     read_barcodes,
@@ -28,9 +37,8 @@ from src.data.slides import (
     slide_refs,
     target_names,
 )
+from src.data.slides.validation import validate_file
 from src.data.spatial import SPOT_PITCH_UM, lattice_pitch
-from src.data.stain import StainNormalizer
-from src.data.validation import validate_file
 
 OFF_TISSUE = 0.5  # a spot whose disc is less than half tissue after correction is "off tissue"
 
@@ -58,7 +66,7 @@ def register_slide(image: np.ndarray, ref: SlideRef, table: pd.DataFrame, target
         return Registration((0, 0), "none")
     if len(table) < MIN_SPOTS:
         return Registration((0, 0), f"not estimated: {len(table)} spots, fewer than {MIN_SPOTS}")
-    max_shift = round(cfg.max_shift * _pitch(table, um_per_px))  # px of this slide
+    max_shift = min(round(cfg.max_shift * _pitch(table, um_per_px)), max(image.shape[:2]))  # px of this slide
     return estimate_offset(image, table["x"].to_numpy(), table["y"].to_numpy(),
                            table[targets].to_numpy(np.float64), max_shift)
 

@@ -35,7 +35,14 @@ from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
 from src.core.sections import SimulateConfig
-from src.data.simulation import E_VECTOR, H_VECTOR, SimulatedSlide, ellipse_kernel, smooth_field, spot_lattice
+from src.data.simulators.compartments import (
+    E_VECTOR,
+    H_VECTOR,
+    SimulatedSlide,
+    ellipse_kernel,
+    smooth_field,
+    spot_lattice,
+)
 from src.data.spatial import SPOT_RADIUS
 
 

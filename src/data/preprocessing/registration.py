@@ -21,8 +21,8 @@ from scipy import ndimage
 from scipy.special import ndtri
 from scipy.stats import rankdata
 
+from src.data.preprocessing.stain import optical_density
 from src.data.spatial import SPOT_RADIUS, balanced_blocks
-from src.data.stain import optical_density
 
 DOWNSAMPLE = 2  # features are read off a half-resolution image (they are smoothed at >= 6 px anyway)
 SCALES_PX = (6.0, 13.0, 26.0)  # Gaussian sigmas: nuclei, spot, neighbourhood

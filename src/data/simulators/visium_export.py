@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from src.data.slides import open_h5, read_image_uint8, read_spots, slide_refs, target_names
+from src.data.slides.layout import open_h5, read_image_uint8, read_spots, slide_refs, target_names
+from src.data.slides.visium import CELL2LOCATION_KEYS
+from src.data.slides.wsi_write import write_image_pyramid
 from src.data.spatial import COMPETITION_SPOT_PX, COMPETITION_UM_PER_PX, lattice_pitch
-from src.data.visium import CELL2LOCATION_KEYS
-from src.data.wsi_write import write_image_pyramid
 
 LOWRES_PER_HIRES = 0.25  # tissue_lowres_image.png against the hires one
 OFF_TISSUE_SPOTS = 40  # listed per slide with in_tissue = 0
