@@ -13,7 +13,7 @@ from src.core.sections import SimulateConfig
 from src.data.simulators.compartments import simulate, write_layout
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "studies/best_params.yaml", "outputs", "plots")
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "studies/best_params.yaml", "studies/ensemble.yaml", "outputs", "plots")
 
 
 def _digests() -> dict[str, str]:

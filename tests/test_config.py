@@ -203,6 +203,8 @@ def test_weights_that_cannot_be_had_or_do_not_fit_stop_the_study_before_any_tria
     sets = [a for o in FAST + [override.format(weights=weights)] for a in ("--set", o)]
     run = subprocess.run([sys.executable, "-m", "src.tune", "--trials", "1", "--patches", str(tiny_patches / "patches"),
                           "--best-out", str(tmp_path / "best.yaml"), "--metrics", str(tmp_path / "tune.json"),
+                          "--ensemble-out", str(tmp_path / "ensemble.yaml"), "--cv-per-type", str(tmp_path / "cv.csv"),
+                          "--history", str(tmp_path / "history.csv"), "--artifacts", str(tmp_path / "artifacts"),
                           "--storage", f"sqlite:///{tmp_path}/study.db", *sets],
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))

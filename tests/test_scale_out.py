@@ -34,7 +34,7 @@ def _worker_cmd(tiny_patches, tmp_path, storage, trials, *extra) -> list[str]:
             "--patches", str(tiny_patches / "patches"), "--params", str(ROOT / "params.yaml"),
             "--best-out", str(tmp_path / "best.yaml"), "--metrics", str(tmp_path / "tune.json"),
             "--cv-per-type", str(tmp_path / "cv.csv"), "--history", str(tmp_path / "history.csv"),
-            "--artifacts", str(tmp_path / "artifacts"),
+            "--artifacts", str(tmp_path / "artifacts"), "--ensemble-out", str(tmp_path / "ensemble.yaml"),
             *[a for item in _sets(tmp_path, *extra) for a in ("--set", item)]]
 
 
@@ -219,7 +219,8 @@ def test_an_unusable_storage_is_a_one_line_error_and_writes_nothing(url, message
     args = ["--storage", url, "--params", str(ROOT / "params.yaml"), "--patches", str(tiny_patches / "patches"),
             "--best-out", str(tmp_path / "best.yaml"), "--metrics", str(tmp_path / "tune.json"),
             "--cv-per-type", str(tmp_path / "cv.csv"), "--history", str(tmp_path / "history.csv"),
-            "--artifacts", str(tmp_path / "artifacts"), *[a for item in FAST for a in ("--set", item)]]
+            "--artifacts", str(tmp_path / "artifacts"), "--ensemble-out", str(tmp_path / "ensemble.yaml"),
+            *[a for item in FAST for a in ("--set", item)]]
     with pytest.raises(SystemExit) as exit_info:
         tune.main(args)
     err = capsys.readouterr().err

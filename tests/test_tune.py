@@ -312,6 +312,7 @@ def _tune_cmd(tiny_patches, tmp_path, trials):
             "--params", str(ROOT / "params.yaml"), "--best-out", str(tmp_path / "best.yaml"),
             "--metrics", str(tmp_path / "tune.json"),
             "--cv-per-type", str(tmp_path / "cv.csv"), "--history", str(tmp_path / "history.csv"), "--artifacts", str(tmp_path / "artifacts"),
+            "--ensemble-out", str(tmp_path / "ensemble.yaml"),
             *[a for item in [*FAST, "train.epochs=2", "tune.pruner=none"] for a in ("--set", item)]]
 
 

@@ -74,7 +74,8 @@ def run_check(work: Path, trials: int, size: int, patch: int, overrides: list[st
         return ["--trials", str(n), "--study", name, "--storage", f"sqlite:///{work}/study.db", "--patches",
                 str(work / "patches"), "--best-out", str(out / f"{name}.yaml"), "--metrics", str(out / f"{name}.json"),
                 "--cv-per-type", str(out / f"{name}.csv"), "--history", str(out / f"{name}-history.csv"),
-                "--artifacts", str(work / "artifacts"), *p, *[a for s in sets for a in ("--set", s)]]
+                "--artifacts", str(work / "artifacts"), "--ensemble-out", str(out / f"{name}-ensemble.yaml"), *p,
+                *[a for s in sets for a in ("--set", s)]]
 
     _stage(rows, "simulate", lambda: simulate.main(["--out", str(work / "sim.h5"), "--truth-out",
                                                      str(work / "truth.h5"), *p]))
