@@ -21,6 +21,7 @@ bands join without seams.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import math
@@ -60,7 +61,7 @@ class PixelSize:
     source: str
 
 
-class SlideImage:
+class SlideImage(abc.ABC):
     """An open image: its levels, its pixel size (None when the file says none) and bands of rows."""
 
     path: Path
@@ -76,9 +77,9 @@ class SlideImage:
     def height(self) -> int:
         return self.levels[0].height
 
+    @abc.abstractmethod
     def read_rows(self, level: Level, first: int, last: int) -> np.ndarray:
         """Rows [first, last) of a level, full width, as (rows, width, 3) uint8."""
-        raise NotImplementedError
 
     def close(self) -> None:
         pass
