@@ -23,7 +23,8 @@ def _tune_args(tiny_patches, tmp_path) -> list[str]:
     return ["--study", "deploy", "--patches", str(tiny_patches / "patches"), "--params", str(ROOT / "params.yaml"),
             "--best-out", str(tmp_path / "best.yaml"), "--metrics", str(tmp_path / "tune.json"),
             "--cv-per-type", str(tmp_path / "cv.csv"), "--history", str(tmp_path / "history.csv"),
-            "--artifacts", str(tmp_path / "artifacts"), *[a for item in sets for a in ("--set", item)]]
+            "--artifacts", str(tmp_path / "artifacts"), "--ensemble-out", str(tmp_path / "ensemble.yaml"),
+            *[a for item in sets for a in ("--set", item)]]
 
 
 def _finished(storage: str) -> list:
