@@ -11,6 +11,7 @@ staintools to about one grey level (``python -m src.bench stain``).
 from __future__ import annotations
 
 import typing
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -154,8 +155,36 @@ def upper_percentile(values: np.ndarray, q: float, rng: np.random.Generator | No
     return low + (position - lower) * (high - low)
 
 
+@dataclass(frozen=True)
+class SlideStain:
+    """What normalizing one slide needs, measured once on a sample of its pixels
+    (:meth:`StainNormalizer.measure`): applied to any tile of that slide, pixel by pixel, it gives the
+    same pixels as normalizing the whole slide at once."""
+
+    luminosity_p: float | None  # the 95th percentile of LAB luminosity (luminosity standardization), or None
+    matrix: np.ndarray | None  # the slide's 2 x 3 stain matrix; None: no separable tissue, left as it is
+    target: np.ndarray | None  # the reference matrix scaled by the concentration ratio (2 x 3 float32)
+
+
+def standardize_luminosity(rgb: np.ndarray, percentile_value: float) -> np.ndarray:
+    """staintools' ``LuminosityStandardizer.standardize`` with the luminosity percentile given (measured
+    on the whole slide's sample), so a tile gets what the whole slide would."""
+    import cv2
+
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)
+    luminosity = lab[..., 0].astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lab[..., 0] = np.clip(255 * luminosity / percentile_value, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
 class StainNormalizer:
-    """Map a slide's stain colours onto a reference slide's (same API shape as staintools')."""
+    """Map a slide's stain colours onto a reference slide's (same API shape as staintools').
+
+    Everything measured on a slide (its luminosity percentile, stain matrix and concentration
+    percentiles) comes from one seeded sample of its pixels (:meth:`sample_index`: every pixel of a
+    slide up to ``4 * fit_pixels``, staintools' whole-image statistics; a uniform sample beyond), so a
+    slide streamed tile by tile is normalized exactly as the same slide in memory."""
 
     def __init__(self, method: str = "vahadane", standardize_luminosity: bool = False,
                  fit_pixels: int = 100_000, seed: int = 0):
@@ -168,23 +197,36 @@ class StainNormalizer:
         self.stain_matrix_target: np.ndarray | None = None
         self.max_conc_target: np.ndarray | None = None
 
-    def _prepare(self, rgb: np.ndarray) -> np.ndarray:
+    def sample_index(self, n_pixels: int) -> np.ndarray | None:
+        """Sorted flat indices of the pixels measured on an image of ``n_pixels``; None: all of them."""
+        if n_pixels <= 4 * self.fit_pixels:
+            return None
+        return np.sort(np.random.default_rng(self.seed).integers(0, n_pixels, 4 * self.fit_pixels))
+
+    def sample(self, rgb: np.ndarray) -> np.ndarray:
+        """The pixels of an H x W x 3 uint8 image that :meth:`measure` reads (N x 3)."""
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected an H x W x 3 uint8 image, got {rgb.dtype} {rgb.shape}")
-        if self.standardize_luminosity:
-            from staintools import LuminosityStandardizer
+        pixels = rgb.reshape(-1, 3)
+        index = self.sample_index(len(pixels))
+        return pixels if index is None else pixels[index]
 
-            return LuminosityStandardizer.standardize(rgb)
-        return rgb
+    def _luminosity(self, pixels: np.ndarray) -> tuple[float | None, np.ndarray]:
+        """The sample's luminosity percentile (None when not standardizing) and the sample standardized."""
+        if not self.standardize_luminosity:
+            return None, pixels
+        import cv2
+
+        luminosity = cv2.cvtColor(np.ascontiguousarray(pixels.reshape(-1, 1, 3)), cv2.COLOR_RGB2LAB)[..., 0]
+        p = float(np.percentile(luminosity.astype(float), 95))
+        return p, standardize_luminosity(pixels.reshape(-1, 1, 3), p).reshape(-1, 3)
 
     def stain_matrix(self, rgb: np.ndarray) -> np.ndarray | None:
-        """Fit a 2 x 3 stain matrix (H first) on a seeded sample of tissue pixels.
-
-        None when there is too little tissue or the two stains cannot be separated."""
+        """Fit a 2 x 3 stain matrix (H first) on the tissue pixels of a seeded sample of ``rgb`` (any
+        shape ending in 3). None when there is too little tissue or the two stains cannot be separated."""
         pixels = rgb.reshape(-1, 3)
         if len(pixels) > 4 * self.fit_pixels:  # sample before masking: the mask is the slow part
-            rng = np.random.default_rng(self.seed)
-            pixels = pixels[np.sort(rng.integers(0, len(pixels), 4 * self.fit_pixels))]
+            pixels = pixels[self.sample_index(len(pixels))]
         tissue = pixels[tissue_mask(pixels.reshape(-1, 1, 3)).reshape(-1)][: self.fit_pixels]
         if len(tissue) < MIN_TISSUE_PIXELS:
             return None
@@ -193,33 +235,43 @@ class StainNormalizer:
             matrix = fit(tissue)
         return matrix if is_separable(matrix) else None
 
+    def _max_concentrations(self, pixels: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        return np.array([upper_percentile(c, 99) for c in concentrations(pixels.reshape(-1, 1, 3), matrix)])
+
     def fit(self, rgb: np.ndarray) -> "StainNormalizer":
         """Fit the target (reference) stain matrix and its 99th-percentile concentrations."""
         if self.method == "none":
             return self
-        rgb = self._prepare(rgb)
-        matrix = self.stain_matrix(rgb)
+        _, pixels = self._luminosity(self.sample(rgb))
+        matrix = self.stain_matrix(pixels)
         if matrix is None:
             raise InputError("stain reference: no tissue with two separable stains found")
-        conc = concentrations(rgb, matrix)
         self.stain_matrix_target = matrix
-        self.max_conc_target = np.array([upper_percentile(c, 99) for c in conc])
+        self.max_conc_target = self._max_concentrations(pixels, matrix)
         return self
 
-    def transform(self, rgb: np.ndarray) -> np.ndarray:
-        """Normalize a whole slide (its stain matrix is fitted once, here). Background stays white."""
+    def measure(self, pixels: np.ndarray) -> SlideStain:
+        """A slide's stain, from its :meth:`sample` (N x 3 uint8)."""
         if self.method == "none":
-            return rgb.copy()
+            return SlideStain(None, None, None)
         if self.stain_matrix_target is None:
-            raise RuntimeError("StainNormalizer.transform called before fit")
-        rgb = self._prepare(rgb)
-        matrix = self.stain_matrix(rgb)
+            raise RuntimeError("StainNormalizer.measure called before fit")
+        p, pixels = self._luminosity(pixels)
+        matrix = self.stain_matrix(pixels)
         if matrix is None:  # background or a single colour: nothing to normalize, keep it as it is
+            return SlideStain(p, None, None)
+        scale = self.max_conc_target / np.maximum(self._max_concentrations(pixels, matrix), 1e-6)
+        return SlideStain(p, matrix, (self.stain_matrix_target * scale[:, None]).astype(np.float32))
+
+    def apply(self, rgb: np.ndarray, stain: SlideStain) -> np.ndarray:
+        """Normalize pixels of a slide whose stain was measured (any H x W x 3 uint8 part of it).
+        Background stays white."""
+        if stain.luminosity_p is not None:
+            rgb = standardize_luminosity(rgb, stain.luminosity_p)
+        if stain.matrix is None:
             return rgb.copy()
-        c_h, c_e = concentrations(rgb, matrix)
-        scale = self.max_conc_target / np.maximum([upper_percentile(c_h, 99), upper_percentile(c_e, 99)], 1e-6)
-        target = self.stain_matrix_target * scale[:, None]  # fold the scaling into the matrix
-        target = target.astype(np.float32)
+        c_h, c_e = concentrations(rgb, stain.matrix)
+        target = stain.target
         out = np.empty(rgb.shape, dtype=np.uint8).reshape(-1, 3)
         for start in range(0, len(c_h), CHUNK):
             part = slice(start, start + CHUNK)
@@ -230,6 +282,12 @@ class StainNormalizer:
                 od *= np.float32(255.0)
                 out[part, channel] = od  # truncation, as staintools' astype(uint8): keeps them equal
         return out.reshape(rgb.shape)
+
+    def transform(self, rgb: np.ndarray) -> np.ndarray:
+        """Normalize a whole slide: its stain measured on its sample, then applied to every pixel."""
+        if self.method == "none":
+            return rgb.copy()
+        return self.apply(rgb, self.measure(self.sample(rgb)))
 
     def to_dict(self) -> dict:
         """JSON-able state: enough to rebuild the fitted normalizer (stored in checkpoints)."""
