@@ -1,7 +1,10 @@
 """Predict cell-type abundances for every Test slide of a file in the project's layout (the
-competition's file, or slides imported with ``python -m src.ingest``); the file needs no Train slides.
+competition's file, or slides imported with ``python -m src.ingest``; the file needs no Train slides),
+or for H&E whole-slide images that no spatial assay has seen (``--wsi``).
 
 ``python -m src.predict --model models/model.pt --h5 FILE --out submission.csv [--table preds.csv] [--h5ad preds.h5ad]``
+``python -m src.predict --model models/model.pt --wsi SLIDE [--um-per-px U] --h5ad OUT.h5ad [--table OUT.csv] [--maps DIR] [--geojson OUT.geojson]``
+``python -m src.predict --model models/model.pt --wsi cohort.csv --out-dir DIR [--outputs h5ad,table,maps,geojson] [--shard I/N]``
 
 The checkpoint holds everything needed (weights, preprocessing, the reference stain, TTA and σ). Each
 Test slide is stain-normalized to that reference, cropped around its spots and predicted. ``--out``:
@@ -12,10 +15,20 @@ the file was imported. ``--h5ad``: an AnnData file with the predictions in ``obs
 scalefactors under ``uns["spatial"]``, as squidpy and scanpy draw them. ``--maps DIR``: one spatial map
 per slide (``DIR/<slide>.png``: the most variable predicted cell types on the tissue, with colour bars).
 Every value is an abundance on the training table's scale, comparable across spots and slides.
+
+``--wsi``: any image the readers take (SVS, NDPI, MRXS, SCN, pyramidal TIFF, ...). The tissue is found
+on a thumbnail, the model's own spot lattice (hexagonal, its pitch and spot size in µm) is laid over
+it, and each spot's patch is cut, stain-normalized to the model's reference and predicted while the
+slide streams past (``src.engine.whole_slide``). ``obsm["spatial"]`` is in the slide's full-resolution
+pixels; ``--geojson`` writes the spots as QuPath detections. A CSV manifest (``image`` column, optional
+``name`` and ``um_per_px``; paths relative to the manifest) predicts a cohort into ``--out-dir``, one
+set of files per slide: slides whose files exist are skipped, so a stopped run is rerun as it was
+started, and ``--shard I/N`` takes every N-th slide from the I-th (0-based), one worker per shard.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +45,7 @@ from src.data.spatial import SPOT_DIAMETER_UM
 from src.engine.inference import predict_abundance
 from src.model.checkpoint import load_checkpoint
 from src.report.plots import spatial_map
+from src.report.whole_slide_outputs import SlideOutputs
 
 RESOLUTION_TOLERANCE = 0.01  # relative: a slide at another resolution shows the tissue at another size
 
@@ -89,16 +103,145 @@ def _slide_sources(h5_path: Path, patch_set: PatchSet) -> dict[str, SlideSource]
     return out
 
 
+OUTPUT_KINDS = ("h5ad", "table", "maps", "geojson")
+
+
+@dataclass(frozen=True)
+class WholeSlideJob:
+    image: Path
+    name: str
+    um_per_px: float | None
+    outputs: SlideOutputs
+
+
+def read_cohort(manifest: Path, out_dir: Path, kinds: list[str], um_per_px: float | None) -> list[WholeSlideJob]:
+    """One job per manifest row (``image``, optional ``name`` and ``um_per_px``); every row checked first."""
+    try:
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"{manifest}: not a CSV manifest ({str(err).splitlines()[0]})") from None
+    if "image" not in table.columns:
+        raise InputError(f"{manifest}: no 'image' column (columns: image, optional name and um_per_px)")
+    jobs, seen = [], set()
+    for row_number, row in enumerate(table.to_dict("records"), start=2):
+        image = Path(row["image"]) if Path(row["image"]).is_absolute() else manifest.parent / row["image"]
+        where = f"{manifest}: line {row_number}"
+        if not image.is_file():
+            raise InputError(f"{where}: image {image} not found")
+        name = row.get("name") or image.name.split(".")[0]
+        if name in seen:
+            raise InputError(f"{where}: slide name {name!r} appears twice (give each row its own name)")
+        seen.add(name)
+        given = row.get("um_per_px", "")
+        try:
+            slide_um = float(given) if given else um_per_px
+        except ValueError:
+            raise InputError(f"{where}: um_per_px = {given!r} is not a number") from None
+        suffix = {"h5ad": ".h5ad", "table": ".csv", "maps": ".png", "geojson": ".geojson"}
+        jobs.append(WholeSlideJob(image, name, slide_um, SlideOutputs(
+            **{kind: out_dir / f"{name}{suffix[kind]}" for kind in kinds})))
+    return jobs
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"--shard {text}: expected I/N with 0 <= I < N (e.g. 0/4 ... 3/4)")
+    return index, count
+
+
+def predict_slides(model_path: Path, jobs: list[WholeSlideJob], log=print) -> list[str]:
+    """Predict every job whose outputs do not all exist yet; returns the failures' one-line errors (a
+    cohort goes on past a bad slide: nothing of it is written, the rest is)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from src.engine.whole_slide import predict_whole_slide
+    from src.report.whole_slide_outputs import write_slide_outputs
+
+    todo = [job for job in jobs if not job.outputs.done()]
+    if len(todo) < len(jobs):
+        log(f"{len(jobs) - len(todo)} of {len(jobs)} slides already done: skipped")
+    if not todo:
+        return []
+    model, meta = load_checkpoint(model_path)
+    failures = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    for number, job in enumerate(todo, start=1):
+        with Progress(*columns, transient=True) as bar:
+            def ticks(what: str, total: int, name=job.name):
+                task = bar.add_task(f"{name}: {what}", total=total)
+                return lambda n: bar.advance(task, n)
+
+            try:
+                result = predict_whole_slide(model, meta, model_path, job.image, job.um_per_px, job.name,
+                                             ticks=ticks, log=log)
+                write_slide_outputs(result, meta["targets"], job.outputs)
+            except InputError as err:
+                if len(jobs) == 1:
+                    raise
+                failures.append(str(err))
+                log(f"error: {err}")
+                continue
+        written = ", ".join(str(p) for p in job.outputs.paths())
+        log(f"[{number}/{len(todo)}] wrote {written}: {len(result.pred)} spots x {len(meta['targets'])} cell types")
+    return failures
+
+
+def _wsi_jobs(args) -> list[WholeSlideJob]:
+    if args.wsi.suffix.lower() == ".csv":
+        if args.out_dir is None:
+            raise InputError(f"{args.wsi}: a manifest writes one set of files per slide: give --out-dir DIR")
+        kinds = [k.strip() for k in args.outputs.split(",") if k.strip()]
+        unknown = [k for k in kinds if k not in OUTPUT_KINDS]
+        if unknown or not kinds:
+            raise InputError(f"--outputs {args.outputs}: choose from {', '.join(OUTPUT_KINDS)}")
+        index, count = parse_shard(args.shard)
+        return read_cohort(args.wsi, args.out_dir, kinds, args.um_per_px)[index::count]
+    if not args.wsi.is_file():
+        raise InputError(f"{args.wsi}: slide not found")
+    name = args.wsi.name.split(".")[0]
+    for given, suffix in ((args.h5ad, ".h5ad"), (args.table, ".csv"), (args.geojson, ".geojson")):
+        if given is not None and given.suffix != suffix:
+            raise InputError(f"{given}: expected a {suffix} file name")
+    outputs = SlideOutputs(args.h5ad, args.table, args.maps / f"{name}.png" if args.maps else None, args.geojson)
+    if not outputs.paths():
+        raise InputError("--wsi: say what to write (--h5ad, --table, --maps or --geojson)")
+    return [WholeSlideJob(args.wsi, name, args.um_per_px, outputs)]
+
+
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m src.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="checkpoint written by stage train")
-    parser.add_argument("--h5", type=Path, required=True, help="HDF5 file in the project's layout (Test slides)")
-    parser.add_argument("--out", type=Path, required=True, help="submission CSV to write (ID, slide, x, y, cell types)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--h5", type=Path, help="HDF5 file in the project's layout (Test slides)")
+    source.add_argument("--wsi", type=Path, help="an H&E whole-slide image, or a CSV manifest of them")
+    parser.add_argument("--out", type=Path, default=None, help="--h5: submission CSV to write (ID, slide, x, y, "
+                                                                "cell types)")
     parser.add_argument("--table", type=Path, default=None, help="CSV with barcodes and cell-type names to write")
     parser.add_argument("--h5ad", type=Path, default=None, help="AnnData file to write (predictions in obsm)")
     parser.add_argument("--maps", type=Path, default=None, help="folder for one spatial map per slide (PNG)")
+    parser.add_argument("--geojson", type=Path, default=None, help="--wsi: the spots as QuPath detections")
+    parser.add_argument("--um-per-px", type=float, default=None, help="--wsi: the slide's pixel size, for files "
+                                                                      "that record none (overrides the file's)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="--wsi manifest: folder for every slide's files")
+    parser.add_argument("--outputs", default="h5ad", help="--wsi manifest: which files per slide (comma list of "
+                                                          f"{', '.join(OUTPUT_KINDS)}; default h5ad)")
+    parser.add_argument("--shard", default=None, help="--wsi manifest: I/N, this worker's share of the slides")
     args = parser.parse_args(argv)
+    if args.wsi is not None:
+        failures = predict_slides(args.model, _wsi_jobs(args))
+        if failures:
+            raise InputError(f"{len(failures)} slides failed (their errors are above; nothing of them was "
+                             "written): rerun the same command to retry them")
+        return
+    if args.out is None:
+        parser.error("--h5 needs --out (the submission CSV)")
     frame = predict_file(args.model, args.h5, args.out, args.table, args.h5ad, args.maps)
     written = ", ".join(str(p) for p in (args.out, args.table, args.h5ad, args.maps) if p is not None)
     print(f"wrote {written}: {len(frame)} spots x {frame.shape[1] - 4} cell types")

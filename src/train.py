@@ -9,13 +9,16 @@ store, and each member built here is stored as soon as it is (``src.engine.model
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import numpy as np
 
 from src.core.config import add_params_arguments, apply_overrides, load_params, read_raw
 from src.core.errors import InputError, exit_on_input_error
+from src.core.sections import FusionName
 from src.data.preprocessing.patch_set import load_patch_set
 from src.engine.final_model import final_model
 from src.model.checkpoint import save_checkpoint, save_recipes
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="best_params.yaml of a study: retrain its best trial (else params.yaml as is)")
     parser.add_argument("--ensemble", type=Path, default=None,
                         help="ensemble.yaml of a study: what it delivers (its best trial or selected ensemble)")
+    parser.add_argument("--fusion", choices=typing.get_args(FusionName), default=None,
+                        help="train every delivered recipe with this fusion instead of its own (none: a position-free "
+                             "model, what maps H&E-only slides best)")
     add_params_arguments(parser, "train.epochs=2")
     args = parser.parse_args(argv)
     if args.best is not None and args.ensemble is not None:
@@ -45,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         members = [(params_for_best(args.best, base_raw), 1.0, "best trial")]
     else:
         members = [(load_params(args.params, args.set), 1.0, "params.yaml")]
+    if args.fusion is not None:
+        members = [(dataclasses.replace(params, model=dataclasses.replace(params.model, fusion=args.fusion)), weight,
+                    f"{name}, fusion {args.fusion}") for params, weight, name in members]
     patch_set = load_patch_set(args.patches, "train")
     if not args.stain.is_file():
         raise InputError(f"{args.stain}: not found (run `dvc repro normalize` first)")

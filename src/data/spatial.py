@@ -66,3 +66,18 @@ def slide_pitches(xy: np.ndarray, slides: np.ndarray, um_per_px: float) -> dict[
 def spot_radius_px(um_per_px: float) -> float:
     """A Visium spot's radius in pixels of ``um_per_px`` (13 px at the competition's 2.115 µm/px)."""
     return SPOT_DIAMETER_UM / 2 / um_per_px
+
+
+def hex_lattice(width: float, height: float, pitch: float) -> np.ndarray:
+    """Spot centres of a Visium-like hexagonal lattice covering a ``width`` x ``height`` rectangle (N x 2,
+    x then y): rows ``pitch * sqrt(3) / 2`` apart, spots ``pitch`` apart within a row, every other row
+    shifted by half a pitch; the first spot half a pitch from the top-left corner."""
+    if pitch <= 0:
+        raise ValueError(f"lattice pitch must be positive, got {pitch}")
+    row_step = pitch * np.sqrt(3) / 2
+    ys = np.arange(pitch / 2, height, row_step)
+    rows = []
+    for i, y in enumerate(ys):
+        xs = np.arange(pitch / 2 + (pitch / 2 if i % 2 else 0.0), width, pitch)
+        rows.append(np.column_stack([xs, np.full(len(xs), y)]))
+    return np.concatenate(rows) if rows else np.zeros((0, 2))

@@ -28,7 +28,7 @@ def final_model(params: Params, patch_set: PatchSet, log=print) -> tuple[Spatial
         return (Ensemble(models) if params.train.final == "ensemble" else models[0]), epochs
     if params.train.final == "ensemble":
         result = cross_validate(params, patch_set, keep_models=True)
-        log(f"fold models: CV spearman {result.score:.4f} (sigma {result.sigma:g} px), "
+        log(f"fold models: CV spearman {result.score:.4f} (sigma {result.sigma:g} spot pitches), "
             f"floor {result.floor:.4f}")
         models, epochs = result.models, result.epochs_run
     else:  # retrain

@@ -1,6 +1,8 @@
 """Batched prediction with test-time augmentation over the dihedral group."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -21,11 +23,11 @@ from src.model.transforms import build_transform, dihedral
 @torch.inference_mode()
 def predict(model: SpatialCellModel | Ensemble, patch_set: PatchSet, rows: np.ndarray, tta: list[str],
             batch_size: int = 256, device: torch.device | None = None, cache: FeatureCache | None = None,
-            reuse: FeatureCaches | None = None) -> np.ndarray:
+            reuse: FeatureCaches | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Mean prediction over the ``tta`` transforms for the given rows (N x T, target space).
 
     ``cache``: read the transforms' prefix features from the model's feature cache; ``reuse``: where
-    spot descriptors computed before may be found."""
+    spot descriptors computed before may be found; ``progress``: called with each batch's spot count."""
     device = device or default_device()
     model.eval().to(device)
     if cache is not None and isinstance(model, Ensemble):
@@ -48,6 +50,8 @@ def predict(model: SpatialCellModel | Ensemble, patch_set: PatchSet, rows: np.nd
                 pred = model(dihedral(images, name), spot).float()
                 total = pred if total is None else total + pred
         out.append((total / len(tta)).cpu())
+        if progress is not None:
+            progress(len(images))
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(patch_set.targets)))
 
 
@@ -71,26 +75,35 @@ def _predict_cached(model: SpatialCellModel, patch_set: PatchSet, rows: np.ndarr
 
 
 def predict_abundance(model: SpatialCellModel | Ensemble | RecipeEnsemble, meta: dict, patch_set: PatchSet,
-                      device: torch.device | None = None) -> np.ndarray:
+                      device: torch.device | None = None, progress: Callable[[int], None] | None = None
+                      ) -> np.ndarray:
     """What a checkpoint predicts for every spot of ``patch_set``: TTA, then spatial smoothing per
     slide, on the abundance scale (N x T), comparable across spots and slides. Settings come from the
     checkpoint (``meta``).
 
     A :class:`RecipeEnsemble` predicts with every recipe (its own TTA, smoothing and target space)
     and returns the weighted geometric mean of their abundances (the weighted mean of their log
-    abundances, ``src.model.targets.log_abundance``): one scale for recipes whose targets differ."""
+    abundances, ``src.model.targets.log_abundance``): one scale for recipes whose targets differ.
+    ``progress`` is called with each batch's spot count (:func:`prediction_passes` passes in all)."""
     scale = np.asarray(meta["rank_scale"])
     if isinstance(model, RecipeEnsemble):
-        views = [log_abundance(predict_smoothed(m, patch_set, s["infer"], device), s["target_transform"],
+        views = [log_abundance(predict_smoothed(m, patch_set, s["infer"], device, progress), s["target_transform"],
                                s["log_epsilon"], scale) for m, s in zip(model.models, model.settings)]
         return np.exp(combine(views, np.asarray(model.weights)))
-    pred = predict_smoothed(model, patch_set, meta["infer"], device)
+    pred = predict_smoothed(model, patch_set, meta["infer"], device, progress)
     return to_abundance_scale(pred, meta["target_transform"], meta["log_epsilon"], scale)
 
 
 def predict_smoothed(model: SpatialCellModel | Ensemble, patch_set: PatchSet, infer: InferConfig,
-                     device: torch.device | None = None) -> np.ndarray:
+                     device: torch.device | None = None, progress: Callable[[int], None] | None = None
+                     ) -> np.ndarray:
     """Every spot of ``patch_set``: TTA predictions smoothed per slide, in target space (N x T)."""
-    pred = predict(model, patch_set, np.arange(len(patch_set.spots)), infer.tta, infer.batch_size, device)
+    pred = predict(model, patch_set, np.arange(len(patch_set.spots)), infer.tta, infer.batch_size, device,
+                   progress=progress)
     return smooth(pred, patch_set.xy(), patch_set.slides, infer.smoothing_sigma, patch_set.pitches(),
                   infer.smoothing_truncate)
+
+
+def prediction_passes(model: SpatialCellModel | Ensemble | RecipeEnsemble) -> int:
+    """How many times :func:`predict_abundance` goes over every spot (one per recipe)."""
+    return len(model.models) if isinstance(model, RecipeEnsemble) else 1

@@ -20,7 +20,9 @@ class SpotDataset(Dataset):
                  spot_inputs: np.ndarray | None = None):
         self.images = patch_set.images
         self.rows = np.asarray(rows)
-        self.spot = torch.from_numpy((patch_set.coords() if spot_inputs is None else spot_inputs)[self.rows])
+        spot = patch_set.coords() if spot_inputs is None else spot_inputs
+        whole = len(self.rows) == len(spot) and np.array_equal(self.rows, np.arange(len(spot)))
+        self.spot = torch.from_numpy(spot if whole else spot[self.rows])  # every row: no copy
         n_targets = len(patch_set.targets)
         empty = np.zeros((len(self.rows), n_targets), np.float32)
         self.targets = torch.from_numpy((targets if targets is not None else empty).astype(np.float32))

@@ -68,7 +68,10 @@ def spot_inputs(model: SpatialCellModel | Ensemble, patch_set: PatchSet, device:
         return coords
     describers = model.describers if isinstance(model, Ensemble) else [model]
     xy, slides = patch_set.xy(), patch_set.spots["slide"].to_numpy()
-    around = [neighbour_mean(spot_descriptors(d, patch_set, device, batch_size, reuse), xy, slides, radius,
-                             patch_set.pitches())
-              for d in describers]
-    return np.hstack([coords, *around]).astype(np.float32)
+    edges = np.cumsum([2] + [d.descriptor_width for d in describers])
+    out = np.empty((len(coords), edges[-1]), np.float32)  # filled in place: one N x width copy at a time
+    out[:, :2] = coords
+    for d, start, stop in zip(describers, edges[:-1], edges[1:]):
+        out[:, start:stop] = neighbour_mean(spot_descriptors(d, patch_set, device, batch_size, reuse), xy, slides,
+                                            radius, patch_set.pitches())
+    return out

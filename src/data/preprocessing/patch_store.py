@@ -52,11 +52,39 @@ def crop_corners(x: np.ndarray, y: np.ndarray, size: int, offset: tuple[int, int
     return np.stack([np.asarray(y) + offset[1] + pad - half, np.asarray(x) + offset[0] + pad - half], axis=1)
 
 
-class SlideCrops:
-    """N x P x P x 3 uint8 patches as crops of padded slides: indexing returns the same arrays an
-    N x P x P x 3 array would (an integer a view, a slice or index array a stacked copy)."""
+class PatchArray:
+    """N x P x P x 3 patches read one at a time (``_crop``): indexing returns what an array would (an
+    integer one patch, a slice or index array a stacked copy)."""
 
     ndim = 4
+    size: int
+    dtype: np.dtype
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _crop(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return self._crop(range(len(self))[key])
+        if isinstance(key, tuple):
+            raise TypeError(f"{type(self).__name__} takes one index (patches), not a tuple")
+        rows = np.arange(len(self))[key]
+        out = np.empty((len(rows), self.size, self.size, 3), self.dtype)
+        for j, i in enumerate(rows):
+            out[j] = self._crop(i)
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+class SlideCrops(PatchArray):
+    """N x P x P x 3 uint8 patches as crops of padded slides: indexing returns the same arrays an
+    N x P x P x 3 array would (an integer a view, a slice or index array a stacked copy)."""
 
     def __init__(self, slides: list[np.ndarray], index: np.ndarray, size: int):
         self.slides = slides
@@ -96,21 +124,6 @@ class SlideCrops:
     def _crop(self, i: int) -> np.ndarray:
         number, top, left = self.index[i]
         return self.slides[number][top : top + self.size, left : left + self.size]
-
-    def __getitem__(self, key):
-        if isinstance(key, (int, np.integer)):
-            return self._crop(range(len(self))[key])
-        if isinstance(key, tuple):
-            raise TypeError("SlideCrops takes one index (patches), not a tuple")
-        rows = np.arange(len(self))[key]
-        out = np.empty((len(rows), self.size, self.size, 3), self.dtype)
-        for j, i in enumerate(rows):
-            out[j] = self._crop(i)
-        return out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
 
     @property
     def nbytes(self) -> int:

@@ -95,3 +95,25 @@ def write_prediction_h5ad(path: Path, spots: pd.DataFrame, pred: np.ndarray, nam
     adata.uns[OBSM_KEY] = {"scale": SCALE, "cell_types": list(names)}
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
+
+
+def write_prediction_geojson(path: Path, spots: pd.DataFrame, pred: np.ndarray, names: list[str],
+                             diameter_fullres: float, vertices: int = 24) -> None:
+    """The spots as a GeoJSON FeatureCollection in the slide's full-resolution pixels, as QuPath imports
+    detections: each spot a polygon (its disc), ``properties.measurements`` its abundance per cell type,
+    ``properties.classification`` the most abundant cell type."""
+    import json
+
+    angles = np.linspace(0, 2 * np.pi, vertices, endpoint=False)
+    ring = np.column_stack([np.cos(angles), np.sin(angles)]) * diameter_fullres / 2
+    features = []
+    top = np.asarray(names, dtype=object)[np.argmax(pred, axis=1)] if len(pred) else []
+    for i, (x, y) in enumerate(spots[["x_fullres", "y_fullres"]].to_numpy(np.float64)):
+        polygon = np.round(ring + (x, y), 2).tolist()
+        features.append({"type": "Feature", "id": str(spots["spot"].iat[i]),
+                         "geometry": {"type": "Polygon", "coordinates": [polygon + polygon[:1]]},
+                         "properties": {"objectType": "detection", "name": f"spot {spots['spot'].iat[i]}",
+                                        "classification": {"name": str(top[i])},
+                                        "measurements": {n: float(v) for n, v in zip(names, pred[i])}}})
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))

@@ -29,6 +29,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -142,10 +143,20 @@ def read_resampled(image: SlideImage, scale: float, out=None) -> tuple[np.ndarra
     """The image at ``scale`` output pixels per level-0 pixel, as H x W x 3 uint8 written band by band
     into ``out`` (any array-like of :func:`resampled_shape`, e.g. an HDF5 dataset; default a new array),
     and the level read."""
+    out = np.empty(resampled_shape(image, scale), np.uint8) if out is None else out
+    for top, band in resampled_bands(image, scale):
+        out[top : top + len(band)] = band
+    return out, choose_level(image.levels, scale)
+
+
+def resampled_bands(image: SlideImage, scale: float) -> Iterator[tuple[int, np.ndarray]]:
+    """The image at ``scale`` output pixels per level-0 pixel, as (first row, rows x W x 3 uint8)
+    bands from top to bottom: the level that fits is read about 16 MB at a time, so memory is
+    bounded by the slide's width, not its area. The same bands whoever reads them: a slide streamed
+    here equals the slide :func:`read_resampled` returns, pixel for pixel."""
     level = choose_level(image.levels, scale)
     out_h, out_w, _ = resampled_shape(image, scale)
     factor = out_h / level.height  # output pixels per pixel of the level read (exact for the rounded size)
-    out = np.empty((out_h, out_w, 3), np.uint8) if out is None else out
     margin = math.ceil(LANCZOS_SUPPORT / min(factor, 1.0)) + 2
     source_rows = max(2 * margin + 1, SOURCE_BAND_BYTES // (3 * level.width))
     band_rows = max(1, min(BAND_ROWS, math.floor(source_rows * factor)))
@@ -155,8 +166,7 @@ def read_resampled(image: SlideImage, scale: float, out=None) -> tuple[np.ndarra
         first, last = max(0, math.floor(y0) - margin), min(level.height, math.ceil(y1) + margin)
         band = Image.fromarray(_checked_read(image, level, first, last))
         box = (0.0, y0 - first, float(level.width), min(y1, last) - first)
-        out[top:bottom] = np.asarray(band.resize((out_w, bottom - top), Image.Resampling.LANCZOS, box=box))
-    return out, level
+        yield top, np.asarray(band.resize((out_w, bottom - top), Image.Resampling.LANCZOS, box=box))
 
 
 def _checked_read(image: SlideImage, level: Level, first: int, last: int) -> np.ndarray:
