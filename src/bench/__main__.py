@@ -1,6 +1,7 @@
 """Benchmarks that print figures: ``python -m src.bench stain``, ``trial``, ``study``, ``data``, ``search``,
-``capacity``, ``scale`` and ``import`` (each described in its module: ``src.bench.stain``, ``trial``,
-``study``, ``data``, ``search``, ``capacity``, ``scale``, ``wsi_import``).
+``capacity``, ``scale``, ``import``, ``wsi`` and ``coordinates`` (each described in its module:
+``src.bench.stain``, ``trial``, ``study``, ``data``, ``search``, ``capacity``, ``scale``, ``wsi_import``,
+``wsi_predict``, ``wsi_coordinates``).
 """
 from __future__ import annotations
 
@@ -68,11 +69,35 @@ def main(argv: list[str] | None = None) -> None:
     wsi.add_argument("--edges", nargs="+", type=int, default=[10000, 20000, 40000],
                      help="slide edges in px at 0.25 um/px (default 10000 20000 40000)")
     wsi.add_argument("--work", type=Path, default=Path("cache/bench-import"), help="work folder")
+    predict = sub.add_parser("wsi", help="time, spots/s and peak memory of predicting H&E whole slides of growing size")
+    predict.add_argument("--edges", nargs="+", type=int, default=[10000, 20000, 40000],
+                         help="slide edges in px (default 10000 20000 40000)")
+    predict.add_argument("--um-per-px", type=float, default=0.25, help="the slides' pixel size (default 0.25)")
+    predict.add_argument("--model", type=Path, default=Path("models/model.pt"),
+                         help="checkpoint (default models/model.pt)")
+    predict.add_argument("--work", type=Path, default=None,
+                         help="folder for the slides, removed after (default: a temporary one)")
+    coordinates = sub.add_parser("coordinates", help="map metric of H&E-only predictions: fused coordinates or none")
+    coordinates.add_argument("--slides", type=int, default=4, help="held-out slides (default 4)")
+    coordinates.add_argument("--model", type=Path, default=Path("models/model.pt"), help="the delivered checkpoint")
+    coordinates.add_argument("--best", type=Path, default=Path("studies/best_params.yaml"),
+                             help="the study's best recipe, retrained with its fusion and with none")
+    coordinates.add_argument("--ensemble", type=Path, default=Path("studies/ensemble.yaml"),
+                             help="what the study delivers, retrained with fusion none")
+    coordinates.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args(argv)
-    if args.what == "import":
+    if args.what == "coordinates":
+        from src.bench.wsi_coordinates import report, run
+
+        report(*run(args.slides, args.model, args.best, args.ensemble, args.work))
+    elif args.what == "import":
         from src.bench.wsi_import import report, run
 
         report(run(sorted(args.edges), args.work))
+    elif args.what == "wsi":
+        from src.bench.wsi_predict import report, run
+
+        report(run(sorted(args.edges), args.model, args.um_per_px, args.work), args.model, args.um_per_px)
     elif args.what == "scale":
         from src.bench.scale import bench_scale, print_scale
 
