@@ -114,21 +114,35 @@ class WholeSlideJob:
     outputs: SlideOutputs
 
 
+def slide_name(path: Path) -> str:
+    """A slide's name from its file: the name without its last suffix (``.ome.tif`` counts as one), so
+    ``2023.05.01_A.svs`` is ``2023.05.01_A``."""
+    name = path.name
+    for compound in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(compound):
+            return name[: -len(compound)]
+    return Path(name).stem
+
+
 def read_cohort(manifest: Path, out_dir: Path, kinds: list[str], um_per_px: float | None) -> list[WholeSlideJob]:
-    """One job per manifest row (``image``, optional ``name`` and ``um_per_px``); every row checked first."""
+    """One job per manifest row (``image``, optional ``name`` and ``um_per_px``), every row's fields
+    checked first; a missing image is that slide's failure, found when its turn comes."""
     try:
         table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise InputError(f"{manifest}: not a CSV manifest ({str(err).splitlines()[0]})") from None
     if "image" not in table.columns:
         raise InputError(f"{manifest}: no 'image' column (columns: image, optional name and um_per_px)")
+    suffix = {"h5ad": ".h5ad", "table": ".csv", "maps": ".png", "geojson": ".geojson"}
     jobs, seen = [], set()
     for row_number, row in enumerate(table.to_dict("records"), start=2):
-        image = Path(row["image"]) if Path(row["image"]).is_absolute() else manifest.parent / row["image"]
         where = f"{manifest}: line {row_number}"
-        if not image.is_file():
-            raise InputError(f"{where}: image {image} not found")
-        name = row.get("name") or image.name.split(".")[0]
+        if not row["image"]:
+            raise InputError(f"{where}: no image")
+        image = Path(row["image"]) if Path(row["image"]).is_absolute() else manifest.parent / row["image"]
+        name = row.get("name") or slide_name(image)
+        if "/" in name or name in (".", ".."):
+            raise InputError(f"{where}: slide name {name!r}: a file name, without '/'")
         if name in seen:
             raise InputError(f"{where}: slide name {name!r} appears twice (give each row its own name)")
         seen.add(name)
@@ -137,9 +151,8 @@ def read_cohort(manifest: Path, out_dir: Path, kinds: list[str], um_per_px: floa
             slide_um = float(given) if given else um_per_px
         except ValueError:
             raise InputError(f"{where}: um_per_px = {given!r} is not a number") from None
-        suffix = {"h5ad": ".h5ad", "table": ".csv", "maps": ".png", "geojson": ".geojson"}
         jobs.append(WholeSlideJob(image, name, slide_um, SlideOutputs(
-            **{kind: out_dir / f"{name}{suffix[kind]}" for kind in kinds})))
+            **{kind: out_dir / f"{name}{suffix[kind]}" for kind in kinds}, marker=out_dir / f".{name}.done")))
     return jobs
 
 
@@ -155,20 +168,29 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def predict_slides(model_path: Path, jobs: list[WholeSlideJob], log=print) -> list[str]:
-    """Predict every job whose outputs do not all exist yet; returns the failures' one-line errors (a
-    cohort goes on past a bad slide: nothing of it is written, the rest is)."""
+def checkpoint_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def predict_slides(model_path: Path, jobs: list[WholeSlideJob], cohort: bool, log=print) -> list[str]:
+    """Predict the jobs (a cohort's: those not done with this checkpoint); returns the failures' one-line
+    errors. A cohort goes on past a bad slide, whatever stopped it: nothing of that slide is written."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from src.engine.whole_slide import predict_whole_slide
     from src.report.whole_slide_outputs import write_slide_outputs
 
-    todo = [job for job in jobs if not job.outputs.done()]
-    if len(todo) < len(jobs):
-        log(f"{len(jobs) - len(todo)} of {len(jobs)} slides already done: skipped")
-    if not todo:
-        return []
     model, meta = load_checkpoint(model_path)
+    digest = checkpoint_digest(model_path)
+    todo = [job for job in jobs if not job.outputs.done(digest)]
+    if len(todo) < len(jobs):
+        log(f"{len(jobs) - len(todo)} of {len(jobs)} slides already done with this model: skipped")
     failures = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     for number, job in enumerate(todo, start=1):
@@ -178,14 +200,18 @@ def predict_slides(model_path: Path, jobs: list[WholeSlideJob], log=print) -> li
                 return lambda n: bar.advance(task, n)
 
             try:
+                if not job.image.is_file():
+                    raise InputError(f"{job.image}: slide not found")
                 result = predict_whole_slide(model, meta, model_path, job.image, job.um_per_px, job.name,
                                              ticks=ticks, log=log)
-                write_slide_outputs(result, meta["targets"], job.outputs)
-            except InputError as err:
-                if len(jobs) == 1:
+                write_slide_outputs(result, meta["targets"], job.outputs, digest)
+            except Exception as err:  # a cohort of a thousand slides does not stop at one
+                if not cohort:
                     raise
-                failures.append(str(err))
-                log(f"error: {err}")
+                text = str(err).splitlines()[0] if str(err) else ""
+                line = text if isinstance(err, InputError) else f"{job.image}: {type(err).__name__}: {text}"
+                failures.append(line)
+                log(f"error: {line}")
                 continue
         written = ", ".join(str(p) for p in job.outputs.paths())
         log(f"[{number}/{len(todo)}] wrote {written}: {len(result.pred)} spots x {len(meta['targets'])} cell types")
@@ -194,17 +220,26 @@ def predict_slides(model_path: Path, jobs: list[WholeSlideJob], log=print) -> li
 
 def _wsi_jobs(args) -> list[WholeSlideJob]:
     if args.wsi.suffix.lower() == ".csv":
+        for option, value in (("--h5ad", args.h5ad), ("--table", args.table), ("--maps", args.maps),
+                              ("--geojson", args.geojson)):
+            if value is not None:
+                raise InputError(f"{option}: a manifest writes every slide's files into --out-dir (choose them "
+                                 "with --outputs)")
         if args.out_dir is None:
             raise InputError(f"{args.wsi}: a manifest writes one set of files per slide: give --out-dir DIR")
-        kinds = [k.strip() for k in args.outputs.split(",") if k.strip()]
+        kinds = [k.strip() for k in (args.outputs or "h5ad").split(",") if k.strip()]
         unknown = [k for k in kinds if k not in OUTPUT_KINDS]
         if unknown or not kinds:
             raise InputError(f"--outputs {args.outputs}: choose from {', '.join(OUTPUT_KINDS)}")
         index, count = parse_shard(args.shard)
         return read_cohort(args.wsi, args.out_dir, kinds, args.um_per_px)[index::count]
+    for option, value in (("--out-dir", args.out_dir), ("--outputs", args.outputs), ("--shard", args.shard)):
+        if value is not None:
+            raise InputError(f"{option}: for a manifest of slides (--wsi cohort.csv); one slide writes --h5ad, "
+                             "--table, --maps or --geojson")
     if not args.wsi.is_file():
         raise InputError(f"{args.wsi}: slide not found")
-    name = args.wsi.name.split(".")[0]
+    name = slide_name(args.wsi)
     for given, suffix in ((args.h5ad, ".h5ad"), (args.table, ".csv"), (args.geojson, ".geojson")):
         if given is not None and given.suffix != suffix:
             raise InputError(f"{given}: expected a {suffix} file name")
@@ -230,12 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--um-per-px", type=float, default=None, help="--wsi: the slide's pixel size, for files "
                                                                       "that record none (overrides the file's)")
     parser.add_argument("--out-dir", type=Path, default=None, help="--wsi manifest: folder for every slide's files")
-    parser.add_argument("--outputs", default="h5ad", help="--wsi manifest: which files per slide (comma list of "
+    parser.add_argument("--outputs", default=None, help="--wsi manifest: which files per slide (comma list of "
                                                           f"{', '.join(OUTPUT_KINDS)}; default h5ad)")
     parser.add_argument("--shard", default=None, help="--wsi manifest: I/N, this worker's share of the slides")
     args = parser.parse_args(argv)
     if args.wsi is not None:
-        failures = predict_slides(args.model, _wsi_jobs(args))
+        failures = predict_slides(args.model, _wsi_jobs(args), cohort=args.wsi.suffix.lower() == ".csv")
         if failures:
             raise InputError(f"{len(failures)} slides failed (their errors are above; nothing of them was "
                              "written): rerun the same command to retry them")

@@ -140,26 +140,40 @@ def test_a_cohort_runs_in_shards_skips_what_is_done_and_goes_on_past_a_bad_slide
     import shutil
 
     svs = slide[0]
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "2023.05.01_c"):
         shutil.copy(svs, tmp_path / f"{name}.svs")
     (tmp_path / "bad.svs").write_bytes(b"not a slide at all" * 100)
-    (tmp_path / "cohort.csv").write_text("image,name\na.svs,\nb.svs,\nbad.svs,\nc.svs,\n")
+    (tmp_path / "cohort.csv").write_text("image,name\na.svs,\nb.svs,\nbad.svs,\n2023.05.01_c.svs,\ngone.svs,\n")
     base = ["--model", str(checkpoint), "--wsi", str(tmp_path / "cohort.csv"), "--out-dir", str(tmp_path / "out"),
             "--outputs", "h5ad,table"]
-    predict.main([*base, "--shard", "1/2"])  # rows 1 and 3: b and c
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.csv", "b.h5ad", "c.csv", "c.h5ad"]
+    predict.main([*base, "--shard", "1/2"])  # rows 1 and 3: b and 2023.05.01_c
+    files = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    assert files == ["2023.05.01_c.csv", "2023.05.01_c.h5ad", "b.csv", "b.h5ad"]
     before = (tmp_path / "out" / "b.h5ad").stat().st_mtime_ns
     with pytest.raises(SystemExit) as stopped:
-        predict.main([*base, "--shard", "0/2"])  # a, and bad: one line for it, the others written
+        predict.main([*base, "--shard", "0/2"])  # a, bad and gone: one line for each bad one, a written
     assert stopped.value.code == 2
-    err = capsys.readouterr()
-    assert "bad.svs" in err.out and "1 slides failed" in err.err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "a.csv", "a.h5ad", "b.csv", "b.h5ad", "c.csv", "c.h5ad"]
-    (tmp_path / "cohort.csv").write_text("image,name\na.svs,\nb.svs,\nc.svs,\n")
+    out, err = capsys.readouterr()
+    assert "bad.svs" in out and "gone.svs: slide not found" in out and "2 slides failed" in err
+    assert (tmp_path / "out" / "a.h5ad").is_file() and not (tmp_path / "out" / "bad.h5ad").exists()
+    (tmp_path / "cohort.csv").write_text("image,name\na.svs,\nb.svs,\n2023.05.01_c.svs,\n")
     predict.main(base)
-    assert "3 of 3 slides already done: skipped" in capsys.readouterr().out
+    assert "3 of 3 slides already done with this model: skipped" in capsys.readouterr().out
     assert (tmp_path / "out" / "b.h5ad").stat().st_mtime_ns == before
+    other = write_tiny_checkpoint(tmp_path / "other.pt", None, "model.fusion=none")  # a new model: all again
+    predict.main([*base[:1], str(other), *base[2:]])
+    assert "already done" not in capsys.readouterr().out
+    assert (tmp_path / "out" / "b.h5ad").stat().st_mtime_ns != before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out-dir", "x"], "--out-dir: for a manifest of slides"),
+    (["--h5ad", "x.h5ad", "--shard", "0/2"], "--shard: for a manifest of slides"),
+])
+def test_options_of_the_other_mode_are_refused(args, message, slide, checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        predict.main(["--model", str(checkpoint), "--wsi", str(slide[0]), *args])
+    assert message in capsys.readouterr().err
 
 
 def _old_checkpoint(checkpoint, path):
@@ -224,3 +238,19 @@ def test_train_delivers_a_position_free_model_and_predict_says_when_a_model_fuse
     for path, noted in ((checkpoint, True), (tmp_path / "he.pt", False)):
         predict.main(["--model", str(path), "--wsi", str(slide[0]), "--h5ad", str(tmp_path / f"{path.stem}.h5ad")])
         assert ("a position-free model maps sections no assay has seen better" in capsys.readouterr().out) == noted
+
+
+def test_patches_at_the_tissue_boxs_edge_show_the_slide_beyond_it_not_a_mirror(slide, tmp_path):
+    from src.data.preprocessing.whole_slide import cut_patches, plan_whole_slide
+
+    svs, h5_path = slide
+    with open_h5(h5_path) as h5:
+        fullres = read_fullres(h5, slide_refs(h5)[0])[0]
+    plain = StainNormalizer("none")
+    patches = []
+    for from_tissue in (False, True):
+        plan = plan_whole_slide(svs, COMPETITION_UM_PER_PX, 52.9, spots_fullres=fullres, region_from_tissue=from_tissue)
+        (tmp_path / str(from_tissue)).mkdir()
+        patches.append(np.asarray(cut_patches(plan, plain, 96, [], tmp_path / str(from_tissue), 2.1).images))
+    assert plan.region[2:] != plan.shape  # the box is smaller than the slide
+    np.testing.assert_array_equal(patches[0], patches[1])

@@ -131,7 +131,8 @@ def reflect(index: np.ndarray, n: int) -> np.ndarray:
 class CropFile(PatchArray):
     """N x P x P x 3 uint8 patches in a file on disk, read with ``pread`` (nothing mapped, so memory
     stays flat however many patches); indexing returns what an array would (an int one patch, a slice
-    or index array a stacked copy)."""
+    or index array a stacked copy). The file is unlinked once open: it takes disk space (N x P² x 3
+    bytes) only while this object holds it open."""
 
     dtype = np.dtype(np.uint8)
 
@@ -139,7 +140,8 @@ class CropFile(PatchArray):
         self.path, self.size = Path(path), int(size)
         self.shape = (int(n), self.size, self.size, 3)
         self._bytes = self.size * self.size * 3
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.unlink(self.path)  # the space is freed when the file is closed, or the process ends, whatever stops it
         os.ftruncate(self._fd, n * self._bytes)
 
     def __len__(self) -> int:
@@ -191,15 +193,24 @@ def measure_stain(plan: WholeSlidePlan, normalizer: StainNormalizer) -> SlideSta
     return normalizer.measure(np.concatenate(parts))
 
 
+def _slide_bands(plan: WholeSlidePlan):
+    """(first row, rows x W x 3) of the whole slide at the model's resolution, top to bottom."""
+    with open_image(plan.path) as image:
+        yield from resampled_bands(image, plan.scale)
+
+
 def cut_patches(plan: WholeSlidePlan, normalizer: StainNormalizer, patch_size: int, targets: list[str],
                 work_dir: Path, um_per_px: float, progress: Callable[[int], None] | None = None) -> PatchSet:
-    """Every planned spot's stain-normalized patch, centred on it as stage ``patches`` centres them
-    (reflect padding at the region's edges), written to ``work_dir``; a :class:`PatchSet` over them."""
+    """Every planned spot's stain-normalized patch, centred on it as stage ``patches`` centres them,
+    written to ``work_dir``; a :class:`PatchSet` over them. Patches are cut from the whole slide (what
+    lies beyond the tissue's box is read, not mirrored), reflect-padded only at the slide's own edges
+    as stage ``patches`` pads its slides."""
     stain = measure_stain(plan, normalizer)
-    _, _, height, width = plan.region
+    top, left, region_height, region_width = plan.region
+    height, width = plan.shape
     half = patch_size // 2
     spots = plan.spots
-    first_row, first_col = spots["y"].to_numpy() - half, spots["x"].to_numpy() - half
+    first_row, first_col = spots["y"].to_numpy() + top - half, spots["x"].to_numpy() + left - half
     offsets = np.arange(patch_size)
     lowest, highest = np.empty(len(spots), np.int64), np.empty(len(spots), np.int64)
     for start in range(0, len(spots), 4096):  # the rows each patch reads (reflected at the edges): their range
@@ -207,23 +218,46 @@ def cut_patches(plan: WholeSlidePlan, normalizer: StainNormalizer, patch_size: i
         lowest[start : start + 4096], highest[start : start + 4096] = rows.min(axis=1), rows.max(axis=1)
     order = np.argsort(highest, kind="stable")
     crops = CropFile(Path(work_dir) / "patches.u8", len(spots), patch_size)
+    try:
+        _cut(plan, normalizer, stain, crops, first_row, first_col, lowest, highest, order, progress)
+    except BaseException:
+        crops.close()
+        raise
+    table = spots.assign(slide=plan.name, spot=np.arange(len(spots)))
+    front = ["slide", "spot", "x", "y"]
+    table = table[front + [c for c in table.columns if c not in front]]
+    return PatchSet(crops, table, list(targets), {plan.name: (region_height, region_width)}, patch_size, um_per_px)
+
+
+def _cut(plan: WholeSlidePlan, normalizer: StainNormalizer, stain: SlideStain, crops: CropFile,
+         first_row: np.ndarray, first_col: np.ndarray, lowest: np.ndarray, highest: np.ndarray, order: np.ndarray,
+         progress: Callable[[int], None] | None) -> None:
+    """Stream the slide's bands, keeping only the rows patches still need, and write each patch as soon
+    as its rows have passed (normalized in batches: the stain acts pixel by pixel)."""
+    height, width = plan.shape
+    size = crops.size
+    offsets = np.arange(size)
     buffer, buffer_top, next_spot = np.zeros((0, width, 3), np.uint8), 0, 0
     pending: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
         if not pending:
             return
-        stack = np.concatenate([p for _, p in pending])  # (n * P) x P x 3: the stain acts pixel by pixel
+        stack = np.concatenate([p for _, p in pending])  # (n * P) x P x 3
         done = normalizer.apply(stack, stain) if normalizer.method != "none" else stack
         for j, (i, _) in enumerate(pending):
-            crops.write(i, done[j * patch_size : (j + 1) * patch_size])
+            crops.write(i, done[j * size : (j + 1) * size])
         if progress is not None:
             progress(len(pending))
         pending.clear()
 
-    for first, band in _region_bands(plan):
-        buffer = np.concatenate([buffer, band]) if len(buffer) else band
+    for first, band in _slide_bands(plan):
         end = first + len(band)
+        if next_spot < len(order) and int(lowest[order[next_spot:]].min()) >= end:
+            buffer, buffer_top = np.zeros((0, width, 3), np.uint8), end  # no patch needs these rows
+            continue
+        buffer = np.concatenate([buffer, band]) if len(buffer) else band
+        buffer_top = first if len(buffer) == len(band) else buffer_top
         while next_spot < len(order) and highest[order[next_spot]] < end:
             i = order[next_spot]
             rows = reflect(first_row[i] + offsets, height) - buffer_top
@@ -235,8 +269,6 @@ def cut_patches(plan: WholeSlidePlan, normalizer: StainNormalizer, patch_size: i
         if keep_from > buffer_top:
             buffer = buffer[keep_from - buffer_top :]
             buffer_top = keep_from
+        if next_spot == len(order):
+            break
     flush()
-    table = spots.assign(slide=plan.name, spot=np.arange(len(spots)))
-    front = ["slide", "spot", "x", "y"]
-    table = table[front + [c for c in table.columns if c not in front]]
-    return PatchSet(crops, table, list(targets), {plan.name: (height, width)}, patch_size, um_per_px)

@@ -33,14 +33,14 @@ class SlideSource:
     spot_diameter: float = 0.0  # a spot's diameter in pipeline pixels
     library_id: str = ""
     scalefactors: dict = field(default_factory=dict)  # the source's (Space Ranger / .h5ad), when imported
+    description: str = "the slide as predicted (stain-normalized), resampled to the hires and lowres sizes"
 
 
 def spatial_entry(source: SlideSource) -> dict:
     """``uns["spatial"][library_id]`` for one slide: hires and lowres images and their scalefactors."""
     factors = dict(source.scalefactors)
     factors.setdefault("spot_diameter_fullres", source.spot_diameter / source.scale)
-    entry: dict = {"scalefactors": factors, "metadata": {"image": "the slide as predicted (stain-normalized), "
-                                                                  "resampled to the hires and lowres sizes"}}
+    entry: dict = {"scalefactors": factors, "metadata": {"image": source.description}}
     if source.image is not None:
         images = {}
         for name, longest in (("hires", HIRES), ("lowres", LOWRES)):
