@@ -130,9 +130,9 @@ def postgres_url():
     server.stop()
 
 
-def write_tiny_checkpoint(path: Path, stain: dict | None = None, *overrides: str) -> Path:
+def write_tiny_checkpoint(path: Path, stain: dict | None = None, *overrides: str, pitch: float = 0.0) -> Path:
     """An untrained checkpoint of the tests' tiny recipe at the competition's scale (35 types C1..C35,
-    32-px patches, 25-px pitch): what predict needs, without training."""
+    32-px patches, the competition's 25-px pitch unless ``pitch``): what predict needs, without training."""
     import torch
 
     from src.data.spatial import COMPETITION_PITCH_PX, COMPETITION_UM_PER_PX
@@ -146,5 +146,5 @@ def write_tiny_checkpoint(path: Path, stain: dict | None = None, *overrides: str
     stain = stain or {"method": "none", "standardize_luminosity": False, "fit_pixels": 100_000, "seed": 0}
     save_checkpoint(path, model, targets=[f"C{i}" for i in range(1, 36)], loss=params.loss, patch_size=32,
                     infer=params.infer, stain=stain, rank_scale=rank_scale(np.random.default_rng(0).random((50, 35))).tolist(),
-                    um_per_px=COMPETITION_UM_PER_PX, pitch=COMPETITION_PITCH_PX)
+                    um_per_px=COMPETITION_UM_PER_PX, pitch=pitch or COMPETITION_PITCH_PX)
     return path

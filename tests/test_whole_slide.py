@@ -254,3 +254,12 @@ def test_patches_at_the_tissue_boxs_edge_show_the_slide_beyond_it_not_a_mirror(s
         patches.append(np.asarray(cut_patches(plan, plain, 96, [], tmp_path / str(from_tissue), 2.1).images))
     assert plan.region[2:] != plan.shape  # the box is smaller than the slide
     np.testing.assert_array_equal(patches[0], patches[1])
+
+
+def test_a_model_trained_on_true_visium_geometry_lays_its_100_um_lattice(slide, tmp_path):
+    """Trained at 100-um spot pitch (47.3 px at 2.115 um/px), the lattice is 100 um apart on any slide."""
+    model = write_tiny_checkpoint(tmp_path / "visium.pt", None, pitch=100 / COMPETITION_UM_PER_PX)
+    predict.main(["--model", str(model), "--wsi", str(slide[0]), "--h5ad", str(tmp_path / "v.h5ad")])
+    xy = anndata.read_h5ad(tmp_path / "v.h5ad").obsm["spatial"]
+    full_um_per_px = COMPETITION_UM_PER_PX / 4  # the export's full-resolution pixels
+    assert lattice_pitch(xy[:, 0], xy[:, 1]) * full_um_per_px == pytest.approx(100.0, rel=0.01)

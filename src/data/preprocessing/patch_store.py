@@ -15,6 +15,7 @@ On disk (stage ``patches``, folder ``data/patches``):
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def crop_corners(x: np.ndarray, y: np.ndarray, size: int, offset: tuple[int, int
     return np.stack([np.asarray(y) + offset[1] + pad - half, np.asarray(x) + offset[0] + pad - half], axis=1)
 
 
-class PatchArray:
+class PatchArray(abc.ABC):
     """N x P x P x 3 patches read one at a time (``_crop``): indexing returns what an array would (an
     integer one patch, a slice or index array a stacked copy)."""
 
@@ -60,11 +61,13 @@ class PatchArray:
     size: int
     dtype: np.dtype
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """The number of patches."""
 
+    @abc.abstractmethod
     def _crop(self, i: int) -> np.ndarray:
-        raise NotImplementedError
+        """Patch ``i`` (0 <= i < len) as P x P x 3."""
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):

@@ -164,14 +164,21 @@ class CropFile(PatchArray):
             self._fd = -1
 
 
+def _slide_bands(plan: WholeSlidePlan):
+    """(first row, rows x W x 3) of the whole slide at the model's resolution, top to bottom."""
+    with open_image(plan.path) as image:
+        yield from resampled_bands(image, plan.scale)
+
+
 def _region_bands(plan: WholeSlidePlan):
     """(first region row, rows x region width x 3) of the slide's region, top to bottom."""
     top, left, height, width = plan.region
-    with open_image(plan.path) as image:
-        for first, band in resampled_bands(image, plan.scale):
-            lo, hi = max(first, top), min(first + len(band), top + height)
-            if lo < hi:
-                yield lo - top, band[lo - first : hi - first, left : left + width]
+    for first, band in _slide_bands(plan):
+        lo, hi = max(first, top), min(first + len(band), top + height)
+        if lo < hi:
+            yield lo - top, band[lo - first : hi - first, left : left + width]
+        if hi == top + height:
+            break
 
 
 def measure_stain(plan: WholeSlidePlan, normalizer: StainNormalizer) -> SlideStain:
@@ -191,12 +198,6 @@ def measure_stain(plan: WholeSlidePlan, normalizer: StainNormalizer) -> SlideSta
         chosen = index[np.searchsorted(index, start) : np.searchsorted(index, stop)]
         parts.append(pixels[chosen - start])
     return normalizer.measure(np.concatenate(parts))
-
-
-def _slide_bands(plan: WholeSlidePlan):
-    """(first row, rows x W x 3) of the whole slide at the model's resolution, top to bottom."""
-    with open_image(plan.path) as image:
-        yield from resampled_bands(image, plan.scale)
 
 
 def cut_patches(plan: WholeSlidePlan, normalizer: StainNormalizer, patch_size: int, targets: list[str],
