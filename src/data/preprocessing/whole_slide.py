@@ -28,7 +28,7 @@ from src.data.preprocessing.patch_set import PatchSet
 from src.data.preprocessing.patch_store import PatchArray
 from src.data.preprocessing.stain import SlideStain, StainNormalizer
 from src.data.slides.tissue import Thumbnail, disc_tissue_share, read_thumbnail, tissue_box
-from src.data.slides.wsi import PixelSize, open_image, resampled_bands, resampled_shape
+from src.data.slides.wsi import PixelSize, level0_to_resampled, open_image, resampled_bands, resampled_shape
 from src.data.spatial import hex_lattice
 
 MIN_TISSUE_SHARE = 0.5  # a lattice spot is kept when at least half its disc is tissue
@@ -98,7 +98,7 @@ def plan_whole_slide(path: Path, model_um_per_px: float, pitch_um: float, um_per
         y_full = (region[0] + lattice[:, 1] + 0.5) / scale_y - 0.5
     else:
         x_full, y_full = np.asarray(spots_fullres[:, 0], float), np.asarray(spots_fullres[:, 1], float)
-        x, y = fullres_to_pipeline(x_full, y_full, scale_x, scale_y, (height, width))
+        x, y = (np.rint(v).astype(np.int64) for v in level0_to_resampled(x_full, y_full, level0, (height, width)))
         x, y = np.clip(x - region[1], 0, region[3] - 1), np.clip(y - region[0], 0, region[2] - 1)
     share = disc_tissue_share(thumbnail, x_full, y_full)
     spots = pd.DataFrame({"x": x, "y": y, "x_fullres": x_full, "y_fullres": y_full, "tissue_share": share})
@@ -109,14 +109,6 @@ def plan_whole_slide(path: Path, model_um_per_px: float, pitch_um: float, um_per
                              "lattice spot by half): is it an H&E slide, and is its pixel size right?")
     return WholeSlidePlan(Path(path), name or Path(path).name.split(".")[0], pixel_size, scale, (height, width),
                           region, spots, thumbnail, notes)
-
-
-def fullres_to_pipeline(x: np.ndarray, y: np.ndarray, scale_x: float, scale_y: float, shape: tuple[int, int]
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Level-0 pixel centres to whole pipeline pixels of a slide resampled to ``shape`` (as ``ingest`` does)."""
-    out_x = np.clip((x + 0.5) * scale_x - 0.5, 0, shape[1] - 1)
-    out_y = np.clip((y + 0.5) * scale_y - 0.5, 0, shape[0] - 1)
-    return np.rint(out_x).astype(np.int64), np.rint(out_y).astype(np.int64)
 
 
 def reflect(index: np.ndarray, n: int) -> np.ndarray:

@@ -45,7 +45,7 @@ from src.data.slides.barcodes import match_barcodes
 from src.data.slides.layout import NON_TARGET_FIELDS, image_chunks
 from src.data.slides.validation import validate_file
 from src.data.slides.visium import SpotTable, read_abundances, read_h5ad_spots, read_spaceranger
-from src.data.slides.wsi import PixelSize, open_image, read_resampled, resampled_shape
+from src.data.slides.wsi import PixelSize, level0_to_resampled, open_image, read_resampled, resampled_shape
 from src.data.spatial import COMPETITION_UM_PER_PX
 
 MANIFEST_COLUMNS = ("slide", "split", "spots", "image")
@@ -238,11 +238,9 @@ def ingest_slide(plan: SlidePlan, resolution: float, h5: h5py.File) -> IngestedS
                                    chunks=image_chunks(shape), compression="lzf")
         _, level = read_resampled(handle, scale, out=target)
         n_levels = len(handle.levels)
-    scale_x, scale_y = shape[1] / plan.width, shape[0] / plan.height  # exact for the rounded size
-    scale = (scale_x + scale_y) / 2
+    scale = (shape[1] / plan.width + shape[0] / plan.height) / 2
     x, y = spots.x[keep], spots.y[keep]
-    out_x = np.clip((x + 0.5) * scale_x - 0.5, 0, shape[1] - 1)
-    out_y = np.clip((y + 0.5) * scale_y - 0.5, 0, shape[0] - 1)
+    out_x, out_y = level0_to_resampled(x, y, (plan.height, plan.width), shape)
     in_tissue, kept = len(spots.barcodes), int(keep.sum())
     dropped = in_tissue - kept
     pitch = spots.pitch * scale

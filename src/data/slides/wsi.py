@@ -169,6 +169,15 @@ def resampled_bands(image: SlideImage, scale: float) -> Iterator[tuple[int, np.n
         yield top, np.asarray(band.resize((out_w, bottom - top), Image.Resampling.LANCZOS, box=box))
 
 
+def level0_to_resampled(x: np.ndarray, y: np.ndarray, level0: tuple[int, int], shape: tuple[int, ...]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres of level 0 (``level0``: height, width) in the pixels of the image resampled to
+    ``shape`` (float, clipped to the image): what ``ingest`` stores and ``predict --wsi`` crops at."""
+    scale_x, scale_y = shape[1] / level0[1], shape[0] / level0[0]  # exact for the rounded size
+    return (np.clip((np.asarray(x) + 0.5) * scale_x - 0.5, 0, shape[1] - 1),
+            np.clip((np.asarray(y) + 0.5) * scale_y - 0.5, 0, shape[0] - 1))
+
+
 def _checked_read(image: SlideImage, level: Level, first: int, last: int) -> np.ndarray:
     try:
         return image.read_rows(level, first, last)
