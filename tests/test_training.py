@@ -372,6 +372,7 @@ def test_offline_predict_of_an_hf_hub_backbone_says_the_config_is_missing_not_th
 
     payload = torch.load(checkpoint, weights_only=True)
     payload["recipes"][0]["model_config"]["backbone"] = "hf-hub:timm/resnet10t.a1_in1k"
+    payload["recipes"][0]["encoder"].update(name="hf-hub:timm/resnet10t.a1_in1k", architecture="hf-hub:timm/resnet10t.a1_in1k")
     hub = tmp_path / "hub.pt"
     torch.save(payload, hub)
     run = subprocess.run([sys.executable, "-m", "src.predict", "--model", str(hub), "--h5", str(tiny_dataset[0]),

@@ -1,7 +1,7 @@
 """Benchmarks that print figures: ``python -m src.bench stain``, ``trial``, ``study``, ``data``, ``search``,
-``capacity``, ``scale``, ``import``, ``wsi`` and ``coordinates`` (each described in its module:
+``capacity``, ``scale``, ``import``, ``wsi``, ``coordinates`` and ``encoders`` (each described in its module:
 ``src.bench.stain``, ``trial``, ``study``, ``data``, ``search``, ``capacity``, ``scale``, ``wsi_import``,
-``wsi_predict``, ``wsi_coordinates``).
+``wsi_predict``, ``wsi_coordinates``, ``encoders``).
 """
 from __future__ import annotations
 
@@ -69,6 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     wsi.add_argument("--edges", nargs="+", type=int, default=[10000, 20000, 40000],
                      help="slide edges in px at 0.25 um/px (default 10000 20000 40000)")
     wsi.add_argument("--work", type=Path, default=Path("cache/bench-import"), help="work folder")
+    encoders = sub.add_parser("encoders", help="embedding images/s, peak memory and cache bytes per spot of encoders")
+    encoders.add_argument("--encoders", nargs="+", default=["resnet10t", "convnext_small", "uni"],
+                          help="presets or timm names, at random weights (default resnet10t convnext_small uni)")
+    encoders.add_argument("--batch", type=int, default=16, help="images a batch (default 16)")
+    encoders.add_argument("--seconds", type=float, default=20.0, help="timed seconds an encoder (default 20)")
+    encoders.add_argument("--input-size", type=int, default=32,
+                          help="px for encoders without their own size (resnet10t: the pipeline's 32)")
+    encoders.add_argument("--spots", type=int, default=0, help="project a first cache build for this many spots")
     predict = sub.add_parser("wsi", help="time, spots/s and peak memory of predicting H&E whole slides of growing size")
     predict.add_argument("--edges", nargs="+", type=int, default=[10000, 20000, 40000],
                          help="slide edges in px (default 10000 20000 40000)")
@@ -86,7 +94,11 @@ def main(argv: list[str] | None = None) -> None:
                              help="what the study delivers, retrained with fusion none")
     coordinates.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args(argv)
-    if args.what == "coordinates":
+    if args.what == "encoders":
+        from src.bench.encoders import report, run
+
+        report(run(args.encoders, args.batch, args.seconds, args.input_size), args.spots)
+    elif args.what == "coordinates":
         from src.bench.wsi_coordinates import report, run
 
         report(*run(args.slides, args.model, args.best, args.ensemble, args.work))

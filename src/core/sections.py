@@ -222,6 +222,9 @@ class PretrainConfig:
     """Share of the patch edge it sees."""
     log_epsilon: Annotated[Float, Field(gt=0)]
     """Its target: MSE on log(abundance + this)."""
+    from_weights: Bool
+    """Also train backbones that start from trained weights (model.pretrained or model.weights); false:
+    those are used as they are (a pathology encoder is not overwritten at this rate)."""
 
 
 @section

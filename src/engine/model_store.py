@@ -7,7 +7,8 @@ Entries are keyed by what the models depend on: every param their training reads
 settings), the patch store's content and the code that trains them. A model is stored without the
 tensors it shares with its fold's pretrained backbone (``src.engine.pretraining``, in the same cache
 folder), which head-only trials leave untouched: a trial's four fold models then take a few MB instead
-of a backbone copy each. An entry whose backbone file is gone is not used. The folder is
+of a backbone copy each; the same holds for weights from ``model.weights`` (a pathology encoder), named
+by path, size and time. An entry whose weights file is gone or replaced is not used. The folder is
 ``train.cache_dir/models``, safe to delete with the rest of the cache.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ from src.core.provenance import imported_modules, modules_digest
 from src.core.sections import ModelConfig, Params
 from src.data.preprocessing.patch_set import PatchSet
 from src.engine.pretraining import backbone_folder
+from src.model.backbone import read_state_dict
+from src.model.encoders import Encoder
 from src.model.network import SpatialCellModel
 
 TRAINING_ROOTS = ("src.engine.final_model",)  # the code that trains a recipe's models, and all it imports
@@ -55,18 +58,44 @@ def save_models(params: Params, patch_set: PatchSet, models: list[SpatialCellMod
     entries, backbones = [], backbone_folder(params)
     for model in models:
         state, base = model.state_dict(), Path(model.cfg.weights) if model.cfg.weights else None
-        if base is not None and base.parent == backbones:  # leave out what the fold backbone holds unchanged
-            shared = torch.load(base, map_location="cpu", weights_only=True)
+        if base is not None and base.exists():  # leave out what the weights it started from hold unchanged
+            shared = read_state_dict(base)
             state = {k: v for k, v in state.items()
                      if not (k.startswith("backbone.") and k[9:] in shared and torch.equal(v.cpu(), shared[k[9:]]))}
-        else:  # hub or user weights: the state holds everything
+        else:  # hub weights: the state holds everything
             base = None
         config = dataclasses.replace(model.cfg, weights="", pretrained=False)
-        entries.append({"config": dataclasses.asdict(config), "backbone": base.name if base else "", "state": state})
+        entries.append({"config": dataclasses.asdict(config), "encoder": model.encoder.as_dict(),
+                        "backbone": _reference(base, backbones), "state": state})
     path = _folder(params) / f"{entry_key(params, patch_set)}.pt"
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save({"models": entries, "epochs": list(epochs), "n_outputs": len(patch_set.targets)}, f)
     return path
+
+
+def _reference(base: Path | None, backbones: Path) -> dict | str:
+    """How an entry names the weights its models started from: a fold backbone by its file name (the
+    folder moves with the cache), other weights by path, size and modification time."""
+    if base is None:
+        return ""
+    if base.parent == backbones:
+        return base.name
+    stat = base.stat()
+    return {"path": str(base.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _resolve(reference: dict | str, backbones: Path) -> Path | None | bool:
+    """The weights file an entry names; None: none; False: gone or replaced since."""
+    if not reference:
+        return None
+    if isinstance(reference, str):
+        path = backbones / reference
+        return path if path.is_file() else False
+    path = Path(reference["path"])
+    if not path.exists():
+        return False
+    stat = path.stat()
+    return path if (stat.st_size, stat.st_mtime_ns) == (reference["size"], reference["mtime_ns"]) else False
 
 
 def load_models(params: Params, patch_set: PatchSet) -> tuple[list[SpatialCellModel], list[int]] | None:
@@ -77,11 +106,14 @@ def load_models(params: Params, patch_set: PatchSet) -> tuple[list[SpatialCellMo
     payload = torch.load(path, map_location="cpu", weights_only=True)
     backbones, models = backbone_folder(params), []
     for entry in payload["models"]:
-        base = backbones / entry["backbone"] if entry["backbone"] else None
-        if base is not None and not base.is_file():
+        base = _resolve(entry["backbone"], backbones)
+        if base is False:
             return None
         cfg = ModelConfig(**dict(entry["config"], weights=str(base) if base is not None else ""))
-        model = SpatialCellModel(cfg, n_outputs=payload["n_outputs"])
+        encoder = Encoder.from_dict(entry["encoder"]) if "encoder" in entry else None
+        if cfg.unfrozen_blocks == 0 and cfg.weights and any(k.startswith("backbone.") for k in entry["state"]):
+            return None  # a frozen backbone that differs from its weights: not what this code stores
+        model = SpatialCellModel(cfg, n_outputs=payload["n_outputs"], encoder=encoder, weights_follow=True)
         missing, unexpected = model.load_state_dict(entry["state"], strict=False)
         if unexpected or not all(k.startswith("backbone.") for k in missing):
             return None  # not what this code builds (the code digest should have told): train again

@@ -9,6 +9,8 @@ log(abundance + epsilon), flips, no coordinates, no smoothing; ``pretrain.epochs
 trial of the study starts from that fold's weights (by default it trains only a head on their
 cached features; ``model.unfrozen_blocks`` > 0 also trains the last blocks). A fold's validation
 spots are never seen, so the CV stays honest; the delivered fold models carry their own weights.
+A backbone that starts from trained weights (a pathology encoder from ``model.weights`` or the hub) is
+used as it is unless ``pretrain.from_weights`` says otherwise.
 
 The weights are kept under ``train.cache_dir/backbones``, keyed by the patch store, the fold's rows,
 the backbone, its input and this recipe, so a study trains each fold's backbone once (under a file
@@ -29,14 +31,14 @@ from src.core.files import atomic_path
 from src.core.locations import shared_path
 from src.core.sections import LossConfig, Params
 from src.data.preprocessing.patch_set import PatchSet
-from src.model.backbone import backbone_block_count
+from src.model.backbone import backbone_block_count, starts_from_weights
 
 
 def pretraining_params(params: Params) -> Params:
     """The fixed recipe that trains the whole backbone: nothing a trial searches reaches it (only the
     backbone, its input and the run settings of ``train`` that no default space searches)."""
     pre = params.pretrain
-    model = dataclasses.replace(params.model, unfrozen_blocks=backbone_block_count(params.model.backbone),
+    model = dataclasses.replace(params.model, unfrozen_blocks=backbone_block_count(params.model.backbone, params.model.weights),
                                 fusion="none", context=pre.context, dropout=0.1, neighbour_radius=0.0, coord_dim=1)
     loss = LossConfig(alpha=0.0, regularization=0.1, target_transform="log", log_epsilon=pre.log_epsilon)
     train = dataclasses.replace(params.train, epochs=pre.epochs, lr_backbone=pre.lr, lr_head=pre.lr,
@@ -55,6 +57,13 @@ def _key(params: Params, patch_set: PatchSet, rows: np.ndarray) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def pretrains(params: Params) -> bool:
+    """Whether the folds train their backbone first: on by ``pretrain.epochs``, for a backbone with random
+    weights; one that starts from trained weights (a pathology encoder, ImageNet) only with
+    ``pretrain.from_weights`` (a whole ViT at the head's rate would overwrite what it learnt)."""
+    return params.pretrain.epochs > 0 and (params.pretrain.from_weights or not starts_from_weights(params.model))
+
+
 def backbone_folder(params: Params) -> Path:
     """Where the folds' trained backbones are kept."""
     return shared_path(params.train.cache_dir) / "backbones"
@@ -63,7 +72,7 @@ def backbone_folder(params: Params) -> Path:
 def fold_backbone(params: Params, patch_set: PatchSet, rows: np.ndarray, device: torch.device | None = None,
                   log=print) -> Path | None:
     """The weights file of the backbone trained on ``rows`` (built once); None when pretraining is off."""
-    if params.pretrain.epochs == 0:
+    if not pretrains(params):
         return None
     from src.engine.fit import fit
 

@@ -14,7 +14,6 @@ error); each split is checked against the whole backbone on a probe image when i
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 from functools import cache
 
@@ -22,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from src.core.errors import InputError
+from src.model.encoder_split import digest_state
 
 NOT_SPLITTABLE = "set train.feature_cache: false and model.neighbour_radius: 0"
 
@@ -166,11 +166,7 @@ class BackboneSplit:
 
     def weights_digest(self) -> str:
         """Content hash of the prefix's parameters and buffers (BatchNorm statistics included)."""
-        h = hashlib.sha1()
-        for name, tensor in sorted(self.prefix.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return digest_state(self.prefix)
 
 
 def pool_positions(activation: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 A checkpoint holds one or several recipes, each with its weight in the delivered prediction. A recipe
 is the weights of one model or of an ensemble (the CV's fold models) with the model config, the
-target transform, the preprocessing the backbone was trained with and the inference settings (TTA,
+encoder it was built as (``src.model.encoders``: architecture and arguments, pooling), the target transform, the preprocessing the backbone was trained with and the inference settings (TTA,
 smoothing; its spatial settings in spot pitches). Shared by all: the cell types, the patch size, the
 resolution (µm/px) and median spot pitch (px) of the training slides, the stain reference and the rank
 scale (the log abundance of each within-spot rank in the training data, which puts rank predictions on
@@ -25,11 +25,13 @@ from src.core.files import atomic_path
 from src.core.provenance import imported_modules, modules_digest, versions
 from src.core.sections import InferConfig, LossConfig, ModelConfig
 from src.data.spatial import COMPETITION_PITCH_PX, COMPETITION_UM_PER_PX
+from src.model.encoders import Encoder, resolve_encoder
 from src.model.network import Ensemble, RecipeEnsemble, SpatialCellModel
 
-FORMAT = 6  # 1: before the preprocessing and provenance were recorded; 2: model.context in px; 3: one recipe
+FORMAT = 7  # 1: before the preprocessing and provenance were recorded; 2: model.context in px; 3: one recipe
 # at the top level; 4: no rank scale (all still read, except rank recipes of formats before 5); 5: neighbour
-# radius and smoothing sigma in px of the competition's 25-px pitch, no resolution recorded
+# radius and smoothing sigma in px of the competition's 25-px pitch, no resolution recorded; 6: no encoder
+# recorded (a timm name, fed bilinearly: what src.model.encoders resolves it to)
 LIBRARIES = ("torch", "timm", "torchsort", "numpy")
 RUNS_A_CHECKPOINT = ("src.engine.inference", "src.model.checkpoint")  # and all they import
 
@@ -89,7 +91,8 @@ def _recipe_payload(model: SpatialCellModel | Ensemble, loss: LossConfig, infer:
     # Where the weights came from (a fold backbone under this checkout's cache, a hub name) is not
     # stored: the state dicts hold them, and a path would make two checkouts write different bytes.
     config = dataclasses.asdict(dataclasses.replace(model.cfg, weights="", pretrained=False))
-    return {"model_config": config, "preprocessing": dataclasses.asdict(model.preprocessing),
+    return {"model_config": config, "encoder": members[0].encoder.as_dict(),
+            "preprocessing": dataclasses.asdict(model.preprocessing),
             "target_transform": loss.target_transform, "log_epsilon": loss.log_epsilon,
             "infer": dataclasses.asdict(infer), "weight": float(weight),
             "state_dicts": [m.state_dict() for m in members]}
@@ -142,7 +145,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     payload.setdefault("rank_scale", [])
     payload.setdefault("um_per_px", COMPETITION_UM_PER_PX)  # formats before 6: the competition's scale
     payload.setdefault("pitch", COMPETITION_PITCH_PX)
-    loaded = [_load_recipe(path, recipe, written, payload) for recipe in recipes]
+    backbones: dict[tuple, torch.nn.Module] = {}  # one module per distinct backbone, across recipes
+    loaded = [_load_recipe(path, recipe, written, payload, backbones) for recipe in recipes]
     meta = dict(payload, format=written)
     if len(loaded) == 1:
         model, settings = loaded[0]
@@ -150,7 +154,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     return RecipeEnsemble([m for m, _ in loaded], [s for _, s in loaded]), meta
 
 
-def _load_recipe(path: Path, recipe: dict, written: int, shared: dict) -> tuple[SpatialCellModel | Ensemble, dict]:
+def _load_recipe(path: Path, recipe: dict, written: int, shared: dict,
+                 backbones: dict[tuple, torch.nn.Module]) -> tuple[SpatialCellModel | Ensemble, dict]:
     # Weights come from the checkpoint: no hub download, no local backbone file needed.
     fields = {"neighbour_radius": 0.0, **recipe["model_config"]}  # checkpoints from before the field: none
     px = fields.get("context", 0)
@@ -164,12 +169,21 @@ def _load_recipe(path: Path, recipe: dict, written: int, shared: dict) -> tuple[
         infer["smoothing_sigma"] = infer["smoothing_sigma"] / COMPETITION_PITCH_PX
         recipe = dict(recipe, infer=infer)
     cfg = dataclasses.replace(ModelConfig(**fields), pretrained=False, weights="")
+    encoder = Encoder.from_dict(recipe["encoder"]) if "encoder" in recipe else resolve_encoder(cfg.backbone)
     members = []
     for state in recipe["state_dicts"]:
-        member = SpatialCellModel(cfg, n_outputs=len(shared["targets"]))
+        # Members whose backbones were saved as one (equal tensors are written once) share one module:
+        # an ensemble over the folds of a frozen pathology encoder holds it once, not once per member.
+        key = (cfg.backbone, tuple(sorted((k, v.untyped_storage().data_ptr(), v.storage_offset())
+                                          for k, v in state.items() if k.startswith("backbone."))))
+        member = SpatialCellModel(cfg, n_outputs=len(shared["targets"]), backbone=backbones.get(key), encoder=encoder,
+                                  weights_follow=True)
         member.load_state_dict(state)
+        backbones.setdefault(key, member.backbone)
         members.append(member)
     recorded = recipe.get("preprocessing")
+    if recorded is not None:
+        recorded = {"interpolation": "bilinear", **recorded}  # before it was recorded: always bilinear
     rebuilt = dataclasses.asdict(members[0].preprocessing)
     if recorded is not None and _as_lists(recorded) != _as_lists(rebuilt):
         raise InputError(f"{path}: the model was trained on preprocessing {recorded}, but timm "

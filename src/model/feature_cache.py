@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,10 @@ import torch
 from filelock import FileLock
 
 from src.core.devices import autocast
+from src.core.errors import InputError
 from src.core.files import atomic_path
 from src.data.preprocessing.patch_set import PatchSet
-from src.model.backbone_split import BackboneSplit
-from src.model.network import SpatialCellModel
+from src.model.network import SpatialCellModel, Split
 from src.model.transforms import DIHEDRAL, build_transform, dihedral
 
 # Activation dtype -> how the array stores it (numpy has no bfloat16: its bits are kept as int16).
@@ -110,13 +111,13 @@ class FeatureCache:
         return self.variants.index(name)
 
 
-def cache_key(model: SpatialCellModel, split: BackboneSplit, patch_set: PatchSet,
+def cache_key(model: SpatialCellModel, split: Split, patch_set: PatchSet,
               variants: tuple[str, ...], dtype: torch.dtype) -> dict:
     prep = model.preprocessing
     return {"backbone": model.cfg.backbone, "weights": split.weights_digest(),
             "patches": patch_set.images_digest(), "patch_size": patch_set.patch_size,
             "input_size": prep.input_size, "context": prep.crop(patch_set.patch_size), "mean": list(prep.mean),
-            "std": list(prep.std), "cut": split.cut, "variants": list(variants),
+            "std": list(prep.std), "interpolation": prep.interpolation, "cut": split.cut, "variants": list(variants),
             "dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -171,6 +172,7 @@ def build_or_load(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: 
             log(f"feature cache {folder} is incomplete or corrupt: rebuilding it")
         n = len(patch_set.images)
         shape = (len(variants), n, *probe.shape[1:])
+        check_room(folder.parent, shape, STORAGE[dtype], model.cfg.backbone, cut, len(model.blocks), log)
         with atomic_path(folder) as tmp:
             tmp.mkdir()
             array = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=STORAGE[dtype], shape=shape)
@@ -193,7 +195,27 @@ def build_or_load(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: 
     return _load(folder, variants, cut, dtype, layout)
 
 
-def _from_images(split: BackboneSplit, batch: Callable[[int], torch.Tensor], n: int, variants: tuple[str, ...],
+def check_room(root: Path, shape: tuple[int, ...], storage: type, backbone: str, cut: int, blocks: int,
+               log=print) -> int:
+    """The bytes a cache of ``shape`` takes, said before it is built when it is large; one line when the
+    disk under ``root`` has not that much free (a ViT's tokens take ~200x its pooled embedding)."""
+    size = int(np.prod(shape)) * np.dtype(storage).itemsize
+    free = shutil.disk_usage(root).free
+    what = (f"the {backbone} feature cache ({shape[0]} variants x {shape[1]} patches x {tuple(shape[2:])}, "
+            f"{'pooled embeddings' if cut == blocks else f'activations after block {cut} of {blocks}'})")
+    if size > 0.95 * free:
+        raise InputError(f"train.cache_dir: {what} takes {size / 1e9:.1f} GB, {root} has {free / 1e9:.1f} GB free; "
+                         "free space, set train.cache_dir elsewhere, or train fewer blocks (model.unfrozen_blocks 0 "
+                         "caches pooled embeddings)")
+    if size > LARGE_CACHE:
+        log(f"building {what}: {size / 1e9:.1f} GB ({size / shape[1] / 1e6:.2f} MB a spot)")
+    return size
+
+
+LARGE_CACHE = 1 << 30  # caches this large are announced before they are built
+
+
+def _from_images(split: Split, batch: Callable[[int], torch.Tensor], n: int, variants: tuple[str, ...],
                  batch_size: int):
     """(first row, variant index, activations at the cut) of every batch: the prefix run on the images."""
     for start in range(0, n, batch_size):
@@ -202,7 +224,7 @@ def _from_images(split: BackboneSplit, batch: Callable[[int], torch.Tensor], n: 
             yield start, v, split.prefix(dihedral(images, name))
 
 
-def _from_cache(split: BackboneSplit, model: SpatialCellModel, source: FeatureCache, variants: tuple[str, ...],
+def _from_cache(split: Split, model: SpatialCellModel, source: FeatureCache, variants: tuple[str, ...],
                 batch_size: int, device: torch.device):
     """The same, from a shallower cut's cache: only the blocks between the cuts run."""
     if source.cut >= split.cut or source.variants != variants:
@@ -237,16 +259,24 @@ class FeatureCaches:
                   variants: tuple[str, ...] = DIHEDRAL) -> FeatureCache:
         """The feature cache ``model`` trains on (built, loaded from disk, or reused).
 
-        Every trial of a study shares the cache cut before the last ``max_unfrozen`` blocks (same backbone
-        and seed, same prefix weights). A model that trains fewer blocks reads a cache cut after all of its
-        frozen ones, derived from that shared one, so its steps run no frozen block at all."""
+        Every trial of a study that trains backbone blocks shares the cache cut before the last
+        ``max_unfrozen`` blocks (same backbone and seed, same prefix weights). A model that trains fewer
+        blocks reads a cache cut after all of its frozen ones, derived from that shared one, so its steps
+        run no frozen block at all. A model that trains none reads pooled embeddings, computed from the
+        images: a study's head-only trials never build the shared cache, which for a ViT holds tokens
+        (~200x the embeddings), until a trial that trains blocks needs it."""
         shared_cut = deepest_cut(model, max_unfrozen)
         own_cut = max(shared_cut, model_cut(model))
 
         def shared() -> FeatureCache:
             return self._at(model, patch_set, shared_cut, variants)
 
-        cache = shared() if own_cut == shared_cut else self._at(model, patch_set, own_cut, variants, source=shared)
+        if own_cut == shared_cut:
+            cache = shared()
+        elif own_cut == len(model.blocks):
+            cache = self._at(model, patch_set, own_cut, variants)
+        else:
+            cache = self._at(model, patch_set, own_cut, variants, source=shared)
         cache.keep_on(self.device)
         return cache
 

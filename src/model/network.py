@@ -4,21 +4,29 @@ a fusion of the two and a deep head with one output per cell type.
 ``forward_features(images)`` -> pooled backbone features; ``forward_head(features, spot)`` ->
 predictions, where ``spot`` holds the spot's normalized coordinates and, with neighbour aggregation
 (``model.neighbour_radius``), the mean descriptor of the spots around it (``src.model.neighbours``).
-``split_at(cut)`` cuts the backbone after its first ``cut`` blocks into a prefix and the rest
-(``src.model.backbone_split``): the feature cache stores the prefix's output and training runs the rest.
+``split_at(cut)`` cuts the backbone after its first ``cut`` blocks into a prefix and the rest: after
+every block, the encoder's pooled embedding (``src.model.encoder_split``); within a ViT, through timm's
+blocks; within other backbones, through their traced graph (``src.model.backbone_split``). The feature
+cache stores the prefix's output and training runs the rest. The backbone is built as its encoder preset
+says (``src.model.encoders``): input size, mean/std, interpolation and pooling.
 """
 from __future__ import annotations
 
-import timm
+import dataclasses
+
 import torch
 from torch import nn
 
 from src.core.errors import InputError
 from src.core.sections import ModelConfig
-from src.model.backbone import backbone_blocks, create_backbone
+from src.model.backbone import backbone_blocks, create_backbone, frozen_backbone
 from src.model.backbone_split import BackboneGraph, BackboneSplit, pool_positions
+from src.model.encoder_split import TokenSplit, WholeSplit, forget_digest, is_token_model
+from src.model.encoders import Encoder, embed, embedding_width, encoder_input_size, resolve_encoder, weights_of
 from src.model.fusion import FUSIONS
 from src.model.transforms import Preprocessing
+
+Split = BackboneSplit | TokenSplit | WholeSplit  # a backbone cut into prefix and rest
 
 
 class CoordinateEncoder(nn.Module):
@@ -41,15 +49,18 @@ def head_mlp(dim: int, n_outputs: int, dropout: float) -> nn.Sequential:
 
 
 class SpatialCellModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_outputs: int, backbone: nn.Module | None = None):
+    def __init__(self, cfg: ModelConfig, n_outputs: int, backbone: nn.Module | None = None,
+                 encoder: Encoder | None = None, weights_follow: bool = False):
+        """``weights_follow``: the caller loads a state dict next (a checkpoint, the model store), so a
+        pathology encoder may be built without its weights file."""
         super().__init__()
+        cfg = dataclasses.replace(cfg, weights=weights_of(cfg.backbone, cfg.weights))  # this backbone's own
         self.cfg = cfg
-        self.backbone = backbone if backbone is not None else create_backbone(cfg)
-        data_cfg = timm.data.resolve_data_config({}, model=self.backbone)
-        self.preprocessing = Preprocessing(
-            mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
-            input_size=cfg.input_size or int(data_cfg["input_size"][-1]), context=cfg.context,
-        )
+        self.encoder = encoder or resolve_encoder(cfg.backbone, cfg.weights)
+        if backbone is None and cfg.unfrozen_blocks == 0 and cfg.weights:
+            backbone = frozen_backbone(cfg, self.encoder)  # nothing trains it: one copy for every such model
+        self.backbone = backbone if backbone is not None else create_backbone(cfg, self.encoder, weights_follow)
+        self.preprocessing = preprocessing_of(self.backbone, self.encoder, cfg)
         self.blocks = backbone_blocks(self.backbone)
         if not 0 <= cfg.unfrozen_blocks <= len(self.blocks):
             raise InputError(
@@ -57,11 +68,9 @@ class SpatialCellModel(nn.Module):
                 f"{len(self.blocks)} blocks"
             )
         self._freeze(cfg.unfrozen_blocks)
-        self._graph: BackboneGraph | None = None  # traced on the first split_at
-        self._splits: dict[int, BackboneSplit] = {}
-        # Pooled output width: timm's head_hidden_size where a model has a pre-logits layer
-        # (MobileNetV3's conv_head), else num_features.
-        features = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self._graph: BackboneGraph | None = None  # traced on the first split_at within a non-ViT
+        self._splits: dict[int, Split] = {}
+        features = embedding_width(self.backbone, self.encoder)
         self.image_proj = nn.Sequential(nn.Linear(features, cfg.hidden), nn.ReLU(), nn.BatchNorm1d(cfg.hidden))
         fusion_cls = FUSIONS[cfg.fusion]
         self.coord_encoder = CoordinateEncoder(cfg.coord_dim, cfg.hidden, cfg.dropout) if fusion_cls else None
@@ -116,12 +125,19 @@ class SpatialCellModel(nn.Module):
         last.weight.mul_(0.1)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalized image batch (B, 3, H, W) -> pooled backbone features (B, C)."""
-        return self.backbone(images)
+        """Normalized image batch (B, 3, H, W) -> the encoder's pooled embedding (B, C)."""
+        return embed(self.backbone, self.encoder, images)
 
-    def split_at(self, cut: int) -> BackboneSplit:
-        """The backbone cut after its first ``cut`` blocks (made once per cut, checked on a probe image)."""
-        if cut not in self._splits:
+    def split_at(self, cut: int) -> Split:
+        """The backbone cut after its first ``cut`` blocks (made once per cut; a traced one is checked on a
+        probe image)."""
+        if cut not in self._splits and cut == len(self.blocks):
+            self._splits[cut] = WholeSplit(self.backbone, self.encoder, cut)
+        elif cut not in self._splits and is_token_model(self.backbone):
+            if not 0 < cut < len(self.blocks):
+                raise ValueError(f"cut {cut} outside 1..{len(self.blocks)}")
+            self._splits[cut] = TokenSplit(self.backbone, self.encoder, cut)
+        elif cut not in self._splits:
             if self._graph is None:
                 self._graph = BackboneGraph(self.backbone, self.blocks, self.cfg.backbone)
             size = self.preprocessing.input_size
@@ -144,6 +160,8 @@ class SpatialCellModel(nn.Module):
 
     def load_state_dict(self, *args, **kwargs):
         self._descriptor_digest = None  # new weights: hash the describing blocks again
+        self._splits.clear()
+        forget_digest(self.backbone)
         return super().load_state_dict(*args, **kwargs)
 
     def descriptor_digest(self) -> str:
@@ -164,6 +182,19 @@ class SpatialCellModel(nn.Module):
 
     def forward(self, images: torch.Tensor, spot: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images), spot)
+
+
+def preprocessing_of(backbone: nn.Module, encoder: Encoder, cfg: ModelConfig) -> Preprocessing:
+    """What the backbone is fed: the encoder's mean/std (else its timm data config's), input size and
+    interpolation, and the recipe's context."""
+    mean, std = encoder.mean, encoder.std
+    if not mean:
+        import timm
+
+        data_cfg = timm.data.resolve_data_config({}, model=backbone)
+        mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+    return Preprocessing(mean=tuple(mean), std=tuple(std), input_size=encoder_input_size(encoder, backbone, cfg.input_size),
+                         context=cfg.context, interpolation=encoder.interpolation)
 
 
 class Ensemble(nn.Module):

@@ -47,6 +47,7 @@ class Preprocessing:
     std: tuple[float, float, float]
     input_size: int
     context: float = 1.0
+    interpolation: str = "bilinear"  # of the resize to input_size (the encoder's: src.model.encoders)
 
     def crop(self, patch_size: int) -> int:
         """Edge of the centre crop taken from a ``patch_size`` patch, in px."""
@@ -79,6 +80,6 @@ def build_transform(prep: Preprocessing, patch_size: int, train: TrainConfig | N
             warnings.warn(f"model.input_size = {prep.input_size} shrinks the {crop}-px context {crop / prep.input_size:.1f}x "
                           "before the backbone sees it (model.input_size: 0 feeds the backbone's own size)",
                           DownsamplingWarning, stacklevel=2)
-        steps.append(v2.Resize(prep.input_size, antialias=True))
+        steps.append(v2.Resize(prep.input_size, interpolation=v2.InterpolationMode(prep.interpolation), antialias=True))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
     return v2.Compose(steps)

@@ -17,6 +17,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from src.core.config import params_from_dict
 from src.core.devices import default_device
+from src.core.errors import InputError
 from src.core.locations import shared_path
 from src.core.sections import Params
 from src.data.preprocessing.patch_set import PatchSet
@@ -29,8 +30,9 @@ from src.search.pruning import reports
 from src.search.space import SearchParam, defaults, suggest
 from src.search.storage import WORKER_ATTR, worker_identity
 
-# Failures that mark a trial FAIL and let the study go on (divergence, out of memory, ...).
-TRIAL_ERRORS = (RuntimeError, ValueError, ArithmeticError, MemoryError)
+# Failures that mark a trial FAIL and let the study go on (divergence, out of memory, a backbone that
+# refuses its input or a cache that does not fit: the other choices of a searched backbone go on).
+TRIAL_ERRORS = (RuntimeError, ValueError, ArithmeticError, MemoryError, AssertionError, InputError)
 
 
 class InterruptFlag:

@@ -256,7 +256,7 @@ def check_space(space: list[SearchParam], base_raw: dict, patch_size: int) -> No
     model = params_from_dict(base_raw).model
     for backbone in values_of(space, "model.backbone", base_raw):
         check_weights(dataclasses.replace(model, backbone=backbone))
-        blocks = backbone_block_count(backbone)
+        blocks = backbone_block_count(backbone, model.weights)
         if most > blocks:
             raise InputError(f"params: model.unfrozen_blocks up to {most} (tune.space or params.yaml), but "
                              f"{backbone} has {blocks} blocks")

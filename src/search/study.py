@@ -2,6 +2,7 @@
 hand-set recipe and warm-start recipes, run trials to the target count, reopen it later."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
     # ones (other workers' trials included), unless trials keep failing or the timeout passes.
     stop_at_target = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    one_line_failures()
     with StudyMonitor(n_trials) as monitor:
         monitor.show(study)
         callbacks = [INTERRUPT.check, stop_at_target, StopOnRepeatedFailure()] + ([monitor] if live else [])
@@ -111,6 +113,22 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
                        callbacks=callbacks, gc_after_trial=True)
         monitor.show(study)
     return study
+
+
+class _WithoutTraceback(logging.Filter):
+    """A failed trial is one line (its error, also in the trial's fail_reason): Optuna logs the traceback
+    of every error it catches, which would read as the study's end."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], TRIAL_ERRORS):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def one_line_failures() -> None:
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _WithoutTraceback) for f in handler.filters):
+            handler.addFilter(_WithoutTraceback())
 
 
 def load_existing_study(base_raw: dict, patch_set: PatchSet, study_name: str, storage_url: str
