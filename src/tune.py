@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     print_summary(study)
     if trial_counts(study)["complete"] == 0:
-        raise InputError(f"study {study_name!r}: no trial completed, so there is no best recipe")
+        reasons = [t.user_attrs["fail_reason"] for t in study.trials if "fail_reason" in t.user_attrs]
+        raise InputError(f"study {study_name!r}: no trial completed, so there is no best recipe"
+                         + (f" (the last failure: {reasons[-1]})" if reasons else ""))
     selection = select(study, create_storage(storage, params.tune.heartbeat_s),
                        shared_path(args.artifacts), patch_set, base_raw,
                        params.tune.ensemble_size)

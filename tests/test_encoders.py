@@ -209,6 +209,7 @@ def test_tune_train_predict_with_a_tiny_uni_from_a_local_folder(tiny_dataset, ti
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert tune.returncode == 0, tune.stderr[-3000:]
     assert "Traceback" not in tune.stderr + tune.stdout
+    assert "note: uni was trained at 0.5 um/px; it sees 0.30 um/px here" in tune.stdout  # 32 px of 2.115 um/px
     study = study_named(f"sqlite:///{tmp_path}/db.sqlite", "encoders")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     drawn = {t.params["model.backbone"] for t in complete}
@@ -268,3 +269,32 @@ def test_a_backbone_that_fails_in_its_trials_is_one_line_and_the_study_goes_on(t
     assert len(complete) == 4 and all(t.params["model.backbone"] == "resnet10t" for t in complete)
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
+
+
+def test_the_model_store_keeps_a_frozen_encoders_fold_models_without_its_weights(tiny_patches, tmp_path):
+    """A trial's fold models on a frozen encoder are stored as their heads and a reference to the weights
+    file (path, size, time); read back they share one encoder and predict as before; a replaced file
+    makes the entry unusable (trained again), never silently mixed."""
+    import os
+
+    from src.data.preprocessing.patch_set import load_patch_set
+    from src.engine.cross_validation import cross_validate
+    from src.engine.model_store import load_models, save_models
+
+    folder = tiny_folder(tmp_path / "uni", "uni")
+    params = fast_params("train.feature_cache=true", "model.unfrozen_blocks=0", "model.backbone=uni",
+                         f"model.weights={folder}", f"train.cache_dir={tmp_path / 'cache'}")
+    patch_set = load_patch_set(tiny_patches / "patches", "train")
+    result = cross_validate(params, patch_set, keep_models=True, show_progress=False)
+    path = save_models(params, patch_set, result.models, result.epochs_run)
+    stored = torch.load(path, weights_only=True)["models"]
+    assert not any(k.startswith("backbone.") for entry in stored for k in entry["state"])
+    loaded, epochs = load_models(params, patch_set)
+    assert epochs == result.epochs_run and all(m.backbone is loaded[0].backbone for m in loaded)
+    images, spot = torch.randn(3, 3, 224, 224), torch.rand(3, 2)
+    with torch.no_grad():
+        for old, new in zip(result.models, loaded):
+            assert torch.allclose(old.eval()(images, spot), new(images, spot), atol=1e-5)
+    weights = folder / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert load_models(params, patch_set) is None

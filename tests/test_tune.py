@@ -493,3 +493,15 @@ def test_tuned_floats_survive_dvcs_lock_rewrites_exactly():
     trial = FixedTrial({"train.lr_head": 2.559642090152666e-06})
     space = parse_space({"train": {"lr_head": {"low": 1e-7, "high": 1.0, "log": True}}})
     assert suggest(trial, space, base_raw()).train.lr_head == run_value(2.559642090152666e-06)
+
+
+def test_the_default_space_holds_every_lever_the_recipe_names():
+    """The loss weight, the unfrozen block count, both learning rates, the fusion and (through
+    tune.sigma_grid, scored on every trial's out-of-fold predictions) the smoothing sigma."""
+    raw = read_raw(ROOT / "params.yaml")
+    names = {p.name for p in parse_space(raw["tune"]["space"])}
+    assert {"loss.alpha", "model.unfrozen_blocks", "train.lr_head", "train.lr_backbone", "model.fusion"} <= names
+    assert len(raw["tune"]["sigma_grid"]) > 1
+    trained = suggest(FixedTrial({**defaults(parse_space(raw["tune"]["space"]), raw), "model.unfrozen_blocks": 1,
+                                  "train.lr_backbone": 3e-4}), parse_space(raw["tune"]["space"]), raw)
+    assert trained.model.unfrozen_blocks == 1 and trained.train.lr_backbone == 3e-4

@@ -117,13 +117,16 @@ class PatchesConfig:
 @section
 class ModelConfig:
     backbone: Text
-    """Any timm model name (timm.create_model(name, num_classes=0))."""
+    """An encoder preset (uni, uni2-h, h-optimus-0, h-optimus-1, virchow2, prov-gigapath, convnext_small,
+    resnet10t) or any timm model name."""
     pretrained: Bool
-    """timm hub weights (needs network); ignored when `weights` is set."""
+    """The preset's (or timm's) hub weights (needs network); ignored when `weights` is set."""
     weights: Text
-    """Local .safetensors / .pt state dict for offline machines ("" = none)."""
+    """Offline weights: a state-dict file, a hub-style folder (config.json + model.safetensors), or a
+    folder of them named by preset ("" = none)."""
     input_size: Annotated[Int, Field(ge=0)]
-    """Px fed to the backbone; 0 = the backbone's own data-config size."""
+    """Px fed to backbones without their own size (presets of pretrained encoders and ViTs built for a
+    fixed size take theirs); 0 = the timm data-config size."""
     context: Annotated[Float, Field(ge=0.05, le=1.0)]
     """Share of the patch edge the backbone sees (centre crop); 1 = all of it."""
     unfrozen_blocks: Annotated[Int, Field(ge=0)]

@@ -27,7 +27,7 @@ from src.core.sections import ModelConfig, Params
 from src.data.preprocessing.patch_set import PatchSet
 from src.engine.pretraining import backbone_folder
 from src.model.backbone import read_state_dict
-from src.model.encoders import Encoder
+from src.model.encoders import WEIGHT_FILES, Encoder, weights_file
 from src.model.network import SpatialCellModel
 
 TRAINING_ROOTS = ("src.engine.final_model",)  # the code that trains a recipe's models, and all it imports
@@ -80,7 +80,7 @@ def _reference(base: Path | None, backbones: Path) -> dict | str:
         return ""
     if base.parent == backbones:
         return base.name
-    stat = base.stat()
+    stat = weights_file(base).stat()  # a hub-style folder: its weights file
     return {"path": str(base.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
@@ -92,9 +92,9 @@ def _resolve(reference: dict | str, backbones: Path) -> Path | None | bool:
         path = backbones / reference
         return path if path.is_file() else False
     path = Path(reference["path"])
-    if not path.exists():
+    if not path.exists() or (path.is_dir() and not any((path / n).is_file() for n in WEIGHT_FILES)):
         return False
-    stat = path.stat()
+    stat = weights_file(path).stat()
     return path if (stat.st_size, stat.st_mtime_ns) == (reference["size"], reference["mtime_ns"]) else False
 
 

@@ -205,3 +205,18 @@ def embed(backbone: nn.Module, encoder: Encoder, images: torch.Tensor) -> torch.
     if encoder.pooling == "timm":
         return backbone(images)
     return pool_tokens(backbone, encoder, backbone.forward_features(images))
+
+
+def scale_note(encoder: Encoder, crop_px: int, input_size: int, data_um_per_px: float) -> str:
+    """One line when an encoder sees tissue at another scale than it was trained at (by 25% or more):
+    a pathology encoder trained at 0.5 µm/px, fed a 96-px context of 2.115 µm/px data resized to 224 px,
+    sees 0.91 µm/px."""
+    if not encoder.um_per_px or not data_um_per_px:
+        return ""
+    seen = data_um_per_px * crop_px / input_size
+    if abs(seen / encoder.um_per_px - 1) < 0.25:
+        return ""
+    matching = round(encoder.um_per_px * input_size / data_um_per_px)
+    return (f"note: {encoder.name} was trained at {encoder.um_per_px:g} um/px; it sees {seen:.2f} um/px here (a "
+            f"{crop_px}-px context of {data_um_per_px:g} um/px data resized to {input_size} px); a {matching}-px "
+            "context would match its scale")

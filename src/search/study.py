@@ -18,7 +18,7 @@ from src.search.display import StudyMonitor
 from src.search.identity import earlier_versions, library_versions, study_identity, study_name_for, what_changed
 from src.search.objective import DVC_EXPERIMENTS_ATTR, HAND_SET, INTERRUPT, TRIAL_ERRORS, Objective, dvc_experiment
 from src.search.pruning import make_pruner
-from src.search.space import check_space, defaults, parse_space
+from src.search.space import check_space, defaults, parse_space, values_of
 from src.search.storage import create_storage, is_journal, open_study, reap_dead_local_workers
 from src.search.warm_start import enqueue_warm_start
 
@@ -68,6 +68,20 @@ def describe_study(study: optuna.Study, created: bool, name: str, identity: dict
     return f"study {study.study_name}: new; changed since study {latest.study_name}: {', '.join(changed)}"
 
 
+def scale_notes(space: list, base_raw: dict, patch_set: PatchSet) -> list[str]:
+    """A line for each searched encoder that sees the patches at another scale than it was trained at."""
+    from src.model.encoders import PRESETS, scale_note
+
+    model = params_from_dict(base_raw).model
+    crop = max(1, min(patch_set.patch_size, round(model.context * patch_set.patch_size)))
+    notes = []
+    for backbone in values_of(space, "model.backbone", base_raw):
+        encoder = PRESETS.get(backbone)
+        if encoder is not None and encoder.input_size:
+            notes.append(scale_note(encoder, crop, encoder.input_size, patch_set.um_per_px))
+    return [n for n in notes if n]
+
+
 def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: str, storage_url: str,
               timeout_s: float = 0.0, artifact_dir: Path = ARTIFACT_DIR, live: bool = True,
               log=print, after_cv=None) -> optuna.Study:
@@ -77,6 +91,8 @@ def run_study(base_raw: dict, patch_set: PatchSet, n_trials: int, study_name: st
     if not space:
         raise InputError("params: tune.space is empty: nothing to search")
     check_space(space, base_raw, patch_set.patch_size)
+    for line in scale_notes(space, base_raw, patch_set):
+        log(line)
     check_device(default_device())  # a GPU without torchsort's CUDA op: one error now, not a crash per trial
     hand_set = defaults(space, base_raw)
     n_folds = fold_count(params.cv, patch_set.spots["slide"].to_numpy())
