@@ -298,3 +298,19 @@ def test_the_model_store_keeps_a_frozen_encoders_fold_models_without_its_weights
     weights = folder / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert load_models(params, patch_set) is None
+
+
+def test_a_model_starts_the_same_whether_its_frozen_backbone_is_built_or_shared(tmp_path):
+    """The head's initial weights do not depend on whether the backbone was read from its file in this
+    process before (shared) or not: a study's trial and stage train's rerun of it build the same model."""
+    from src.model import backbone as backbone_module
+
+    folder = tiny_folder(tmp_path / "uni", "uni")
+    cfg = _cfg("uni", folder, unfrozen_blocks=0)
+    heads = []
+    for clear in (True, False):  # built from the file, then taken from the shared copies
+        if clear:
+            backbone_module._FROZEN.clear()
+        torch.manual_seed(48)
+        heads.append(SpatialCellModel(cfg, n_outputs=35).head.state_dict())
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])

@@ -39,7 +39,10 @@ def create_backbone(cfg: ModelConfig, encoder: Encoder | None = None, weights_fo
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # its retry warnings would precede the one-line error
     try:
-        backbone = timm.create_model(name, pretrained=from_hub, num_classes=0, **layer_args(encoder.args))
+        # Weights that replace the random init must not draw from the global generator either: a model
+        # then starts from the same state whether its backbone is built here or shared (frozen_backbone).
+        with torch.random.fork_rng(devices=[], enabled=bool(weights) or from_hub):
+            backbone = timm.create_model(name, pretrained=from_hub, num_classes=0, **layer_args(encoder.args))
     except (RuntimeError, TypeError) as err:  # unknown model name, or arguments it does not take
         raise InputError(f"params: model.backbone = {cfg.backbone!r}: {str(err).splitlines()[0]}") from None
     except OSError as err:  # no hub access, or the hub has no such weights (FileNotFoundError is an OSError)
