@@ -2,6 +2,7 @@
 (LayerScale, register tokens, SwiGLU, CLS + mean pooling), saved as the hub lays them out and loaded
 through the presets; their splits, caches, checkpoints and a tune -> train -> predict run."""
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -314,3 +315,17 @@ def test_a_model_starts_the_same_whether_its_frozen_backbone_is_built_or_shared(
         torch.manual_seed(48)
         heads.append(SpatialCellModel(cfg, n_outputs=35).head.state_dict())
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
+def test_a_long_cache_build_is_announced_with_its_expected_time(tiny_patches, tmp_path, monkeypatch):
+    from src.data.preprocessing.patch_set import load_patch_set
+    from src.model import feature_cache
+
+    patch_set = load_patch_set(tiny_patches / "patches", "train")
+    model = SpatialCellModel(_cfg("vit_tiny_patch16_224"), n_outputs=35).eval()
+    messages = []
+    monkeypatch.setattr(feature_cache, "LONG_BUILD_S", 0.0)  # every build counts as long
+    feature_cache.build_or_load(model, patch_set, len(model.blocks), tmp_path / "cache", variants=("identity", "hflip"),
+                                batch_size=16, log=messages.append)
+    assert any(re.fullmatch(r"building the vit_tiny_patch16_224 feature cache \(2 variants x \d+ patches\): about "
+                            r"\d+ min at this device's pace", m) for m in messages), messages

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,11 +181,15 @@ def build_or_load(model: SpatialCellModel, patch_set: PatchSet, cut: int, root: 
                 activations = _from_cache(split, model, source(), variants, batch_size, device)
             else:
                 activations = _from_images(split, batch, n, variants, batch_size)
+            started = time.perf_counter()
             with torch.inference_mode(), autocast(device):
-                for start, v, out in activations:
+                for step, (start, v, out) in enumerate(activations):
                     out = out.to(dtype).cpu()
                     array[v, start : start + len(out)] = (
                         out.view(torch.int16) if dtype == torch.bfloat16 else out).numpy()
+                    if step == 1:  # a large encoder on a CPU takes minutes to hours: say so after two batches
+                        announce_duration((time.perf_counter() - started) / 2 * len(variants) * -(-n // batch_size),
+                                          model.cfg.backbone, shape, log)
             array.flush()
             del array
             meta = {"key": key, "bytes": (tmp / "features.npy").stat().st_size,
@@ -213,6 +218,13 @@ def check_room(root: Path, shape: tuple[int, ...], storage: type, backbone: str,
 
 
 LARGE_CACHE = 1 << 30  # caches this large are announced before they are built
+LONG_BUILD_S = 60.0  # builds expected to take longer are announced with their expected time
+
+
+def announce_duration(expected_s: float, backbone: str, shape: tuple[int, ...], log=print) -> None:
+    if expected_s > LONG_BUILD_S:
+        log(f"building the {backbone} feature cache ({shape[0]} variants x {shape[1]} patches): about "
+            f"{expected_s / 60:.0f} min at this device's pace")
 
 
 def _from_images(split: Split, batch: Callable[[int], torch.Tensor], n: int, variants: tuple[str, ...],
