@@ -56,10 +56,13 @@ def _folder(params: Params) -> Path:
 def save_models(params: Params, patch_set: PatchSet, models: list[SpatialCellModel], epochs: list[int]) -> Path:
     """Store a recipe's trained models (and the epochs each ran); returns the entry's file."""
     entries, backbones = [], backbone_folder(params)
+    references: dict[Path, dict] = {}  # each weights file read once (a frozen encoder's folds share one)
     for model in models:
         state, base = model.state_dict(), Path(model.cfg.weights) if model.cfg.weights else None
         if base is not None and base.exists():  # leave out what the weights it started from hold unchanged
-            shared = read_state_dict(base)
+            if base not in references:
+                references[base] = read_state_dict(base)
+            shared = references[base]
             state = {k: v for k, v in state.items()
                      if not (k.startswith("backbone.") and k[9:] in shared and torch.equal(v.cpu(), shared[k[9:]]))}
         else:  # hub weights: the state holds everything
